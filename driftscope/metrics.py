@@ -1,0 +1,100 @@
+"""Drift and outlier statistics, computed where the tensors live (on the GPU, no host copies until the end).
+
+Every function takes tensors whose leading dimension is the head (or a single group) and reduces over the
+rest, returning float64 values per head. Callers add the aggregate over all heads themselves (head = -1).
+
+Drift of x against a reference r (both upcast to float64, so an identical pair gives exactly cosine 1 and 0
+for every distance):
+- cosine       <x, r> / (|x| |r|)
+- rel_l2       |x - r| / |r|
+- rel_l1       sum|x - r| / sum|r|           (SageAttention's own accuracy metric)
+- rmse         sqrt(mean (x - r)^2)
+- max_abs      max |x - r|
+"""
+from __future__ import annotations
+
+import torch
+
+DRIFT_METRICS = ("cosine", "rel_l2", "rel_l1", "rmse", "max_abs")
+OUTLIER_METRICS = ("absmax", "channel_max_median", "kurtosis", "frac_6sigma")
+
+
+def drift(x_HxN: torch.Tensor, ref_HxN: torch.Tensor, chunk: int | None = None) -> dict[str, torch.Tensor]:
+    """Drift per head: x and ref are [heads, ...]; each metric is a float64 tensor [heads].
+
+    `chunk` bounds memory for huge tensors (logits): the sums are accumulated over slices of dim 1.
+    """
+    x, r = x_HxN.reshape(x_HxN.shape[0], -1), ref_HxN.reshape(ref_HxN.shape[0], -1)
+    n = x.shape[1]
+    step = n if chunk is None else chunk
+    sums = None
+    for start in range(0, n, step):
+        xs, rs = x[:, start:start + step].to(torch.float64), r[:, start:start + step].to(torch.float64)
+        d = xs - rs
+        part = torch.stack([(xs * rs).sum(1), xs.pow(2).sum(1), rs.pow(2).sum(1), d.pow(2).sum(1),
+                            d.abs().sum(1), rs.abs().sum(1), d.abs().amax(1)])
+        sums = part if sums is None else torch.cat([sums[:6] + part[:6], torch.maximum(sums[6:], part[6:])])
+    xr, xx, rr, dd, d1, r1, dmax = sums
+    tiny = torch.finfo(torch.float64).tiny
+    # sqrt(fl(a*a)) == a in IEEE arithmetic, so identical inputs give a cosine of exactly 1.
+    return {
+        "cosine": xr / (xx * rr).sqrt().clamp_min(tiny),
+        "rel_l2": dd.sqrt() / rr.sqrt().clamp_min(tiny),
+        "rel_l1": d1 / r1.clamp_min(tiny),
+        "rmse": (dd / n).sqrt(),
+        "max_abs": dmax,
+    }
+
+
+def rel_l2_by_position(x_HxTxD: torch.Tensor, ref_HxTxD: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relative L2 over all heads and channels, per bin of consecutive token positions.
+
+    Returns (bin start positions [nbins] int64, rel-L2 [nbins] float64). Long contexts are binned so that
+    a 32k-token curve stays a few hundred rows.
+    """
+    x, r = x_HxTxD.to(torch.float64), ref_HxTxD.to(torch.float64)
+    T = x.shape[1]
+    width = max(1, -(-T // bins))
+    starts = torch.arange(0, T, width, device=x.device)
+    num = (x - r).pow(2).sum(dim=(0, 2))
+    den = r.pow(2).sum(dim=(0, 2))
+    pad = starts.numel() * width - T
+    num = torch.nn.functional.pad(num, (0, pad)).view(-1, width).sum(1)
+    den = torch.nn.functional.pad(den, (0, pad)).view(-1, width).sum(1)
+    return starts, (num / den.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+
+
+def outliers(x_HxTxC: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outlier statistics per head of a [heads, tokens, channels] tensor.
+
+    - absmax: max |x|
+    - channel_max_median: max over channels of the channel absmax, over its median (channel outliers)
+    - kurtosis: of all values (Pearson, normal = 3)
+    - frac_6sigma: fraction of values with |x - mean| > 6 std
+    """
+    x = x_HxTxC.to(torch.float32)
+    ch = channel_absmax(x)
+    flat = x.reshape(x.shape[0], -1).to(torch.float64)
+    mean = flat.mean(1, keepdim=True)
+    centred = flat - mean
+    var = centred.pow(2).mean(1)
+    std = var.sqrt()
+    return {
+        "absmax": flat.abs().amax(1),
+        "channel_max_median": (ch.amax(1) / ch.median(1).values.clamp_min(torch.finfo(torch.float32).tiny)).to(torch.float64),
+        "kurtosis": centred.pow(4).mean(1) / var.pow(2).clamp_min(torch.finfo(torch.float64).tiny),
+        "frac_6sigma": (centred.abs() > 6 * std[:, None]).to(torch.float64).mean(1),
+    }
+
+
+def channel_absmax(x_HxTxC: torch.Tensor) -> torch.Tensor:
+    """Per-channel absmax profile [heads, channels] (max over tokens)."""
+    return x_HxTxC.abs().amax(dim=1).to(torch.float32)
+
+
+def massive_activations(resid_TxC: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k largest |values| of a [tokens, hidden] residual stream: (values, token indices, channel indices)."""
+    flat = resid_TxC.abs().reshape(-1)
+    values, idx = flat.to(torch.float32).topk(min(k, flat.numel()))
+    C = resid_TxC.shape[1]
+    return values.to(torch.float64), idx // C, idx % C

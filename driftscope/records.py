@@ -1,0 +1,71 @@
+"""Long-form metric records, kept on the device until a prompt ends.
+
+Each `add` stores one device tensor of values (one per head, channel or position) and the keys that
+label it. `columns()` moves everything to the host in a single copy and expands the keys, giving the
+`metrics` table's columns: prompt, length, mode, phase, step, layer, head, site, path, metric, index, value.
+
+- head  = -1 for values over all heads (and for sites without heads: resid, logits)
+- layer = -1 for model-level sites (logits)
+- index = -1, or the channel / token position / rank that the value belongs to (per-channel profiles,
+          per-position curves, massive activations)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+COLUMNS = ("prompt", "length", "mode", "phase", "step", "layer", "head", "site", "path", "metric", "index", "value")
+
+
+@dataclass
+class Context:
+    """Where in the run the current forward is."""
+
+    prompt: int = 0
+    length: int = 0
+    mode: str = "propagated"
+    phase: str = "prefill"
+    step: int = 0
+
+
+@dataclass
+class Records:
+    context: Context = field(default_factory=Context)
+    _keys: list = field(default_factory=list)
+    _values: list = field(default_factory=list)
+
+    def add(self, layer: int, site: str, path: str, metric: str, values: torch.Tensor, *,
+            heads: bool = True, index: torch.Tensor | None = None, head: int = -1) -> None:
+        """values: [n]. With heads=True value i belongs to head i; otherwise to `head`, at index[i]."""
+        values = values.detach().reshape(-1)
+        c = self.context
+        self._keys.append((c.prompt, c.length, c.mode, c.phase, c.step, layer, site, path, metric,
+                           values.numel(), heads, head, index))
+        self._values.append(values.to(torch.float64))
+
+    def __len__(self) -> int:
+        return sum(k[9] for k in self._keys)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Everything added so far as table columns (one host copy), then forget it."""
+        if not self._keys:
+            return {name: np.zeros(0) for name in COLUMNS}
+        values = torch.cat([v.to("cpu", non_blocking=False) if v.device.type != "cpu" else v
+                            for v in self._values]).numpy()
+        counts = np.array([k[9] for k in self._keys])
+        cols: dict[str, np.ndarray] = {}
+        for i, name in enumerate(("prompt", "length", "mode", "phase", "step", "layer", "site", "path", "metric")):
+            cols[name] = np.repeat(np.array([k[i] for k in self._keys]), counts)
+        head, index = [], []
+        for (*_, n, heads, h, idx) in self._keys:
+            head.append(np.arange(n) if heads else np.full(n, h))
+            index.append(np.full(n, -1) if idx is None else idx.detach().cpu().numpy().reshape(-1))
+        cols["head"] = np.concatenate(head).astype(np.int32)
+        cols["index"] = np.concatenate(index).astype(np.int64)
+        for name in ("prompt", "length", "step", "layer"):
+            cols[name] = cols[name].astype(np.int32)
+        cols["value"] = values
+        self._keys, self._values = [], []
+        return {name: cols[name] for name in COLUMNS}

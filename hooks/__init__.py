@@ -1,0 +1,1 @@
+"""The capture layer: the only code in driftscope that knows transformers' internals."""

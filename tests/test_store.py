@@ -1,0 +1,188 @@
+"""Run files: write, reopen, resume, refuse to clobber, lock, and report output errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from driftscope import store
+
+ENV = {"torch": "test"}
+
+
+def writer(path, **kw):
+    kw.setdefault("config", {"paths": ["fp16", "sage8"], "seed": 0})
+    return store.RunWriter(path, kind="capture", argv=["capture", "--seed", "0"], environment=ENV, **kw)
+
+
+def rows(prompt, n=1000, seed=0):
+    rng = np.random.default_rng(seed + prompt)
+    return {"prompt": prompt, "length": 64, "mode": "propagated", "phase": "prefill", "step": 0,
+            "layer": np.arange(n) % 30, "head": np.arange(n) % 9, "site": np.array(["q", "k", "v"])[np.arange(n) % 3],
+            "path": "sage8", "metric": np.array(["cos", "rel_l2"])[np.arange(n) % 2], "index": 0,
+            "value": rng.standard_normal(n)}
+
+
+def test_roundtrip(tmp_path):
+    p = tmp_path / "run.h5"
+    q = np.random.default_rng(0).standard_normal((9, 300, 64)).astype(np.float16)
+    with writer(p) as w:
+        w.set_model({"name": "tiny", "n_layers": 2, "head_dim": 64, "revision": None, "shape": [1, 2]})
+        for i in range(2):
+            w.add_prompt(i, np.arange(64) + i, "wiki")
+            w.append("metrics", rows(i))
+            w.store_tensor(dict(prompt=i, layer=1, path="sage8", site="q"), q + i)
+            w.store_tensor(dict(prompt=i, layer=1, path="fp16", site="resid", token_start=5), q[0])
+            w.commit_prompt(i)
+        assert w.completed_prompts() == {0, 1}
+    assert not os.path.exists(str(p) + "-journal")
+    with store.open_run(p) as run:
+        assert (run.status, run.finished, run.kind) == ("complete", True, "capture")
+        assert run.config == {"paths": ["fp16", "sage8"], "seed": 0} and run.argv[0] == "capture"
+        assert run.environment == ENV and run.schema == store.SCHEMA
+        assert run.model == {"name": "tiny", "n_layers": 2, "head_dim": 64, "revision": None, "shape": [1, 2]}
+        assert run.prompts()["length"].tolist() == [64, 64]
+        assert (run.prompt_tokens(1) == np.arange(64) + 1).all()
+        df = run.metrics()
+        assert len(df) == 2000 and run.tables() == ["metrics"]
+        want = rows(1)
+        got = df[df.prompt == 1]
+        assert (got.value.to_numpy() == want["value"]).all() and (got.site.to_numpy() == want["site"]).all()
+        assert df.value.dtype == np.float64 and df.layer.dtype == np.int64
+        sub = run.metrics(site="q", path=["sage8"], prompt=0)
+        assert len(sub) == 334 and set(sub.site) == {"q"}
+        a = run.activations(prompt=1, layer=1, path="sage8", site="q")
+        assert a.dtype == np.float16 and (a == q + 1).all()
+        assert (run.activations(prompt=0, layer=1, path="fp16", site="resid") == q[0]).all()
+        assert len(run.tensors()) == 4
+        with pytest.raises(KeyError, match="holds 4 tensors"):
+            run.activations(prompt=0, layer=2, path="sage8", site="q")
+        with pytest.raises(KeyError, match="holds no table"):
+            run.table("nope")
+
+
+def test_exception_marks_interrupted_and_drops_unfinished_prompt(tmp_path):
+    p = tmp_path / "run.h5"
+    with pytest.raises(KeyboardInterrupt):
+        with writer(p) as w:
+            w.add_prompt(0, np.arange(8), "a")
+            w.append("metrics", rows(0))
+            w.commit_prompt(0)
+            w.add_prompt(1, np.arange(8), "a")
+            w.append("metrics", rows(1))
+            w.store_tensor(dict(prompt=1, layer=0, path="fp16", site="q"), np.ones((2, 8, 4)))
+            raise KeyboardInterrupt
+    with store.open_run(p) as run:
+        assert (run.status, run.finished) == ("interrupted", False)
+        assert set(run.metrics().prompt) == {0} and len(run.tensors()) == 0
+        assert run.prompts()["index"].tolist() == [0]
+
+
+def test_resume_continues_and_checks_config(tmp_path):
+    p = tmp_path / "run.h5"
+    w = writer(p)
+    w.add_prompt(0, np.arange(8), "a")
+    w.append("metrics", rows(0))
+    w.commit_prompt(0)
+    w.close("interrupted")
+    with pytest.raises(store.StoreError, match="seed"):
+        writer(p, resume=True, config={"paths": ["fp16", "sage8"], "seed": 1})
+    with writer(p, resume=True) as w:
+        assert w.completed_prompts() == {0}
+        w.add_prompt(1, np.arange(8), "a")
+        w.append("metrics", rows(1))
+        w.commit_prompt(1)
+    with store.open_run(p) as run:
+        assert run.finished and len(run.metrics()) == 2000
+        assert len(json.loads(run._h5.attrs["resumed"])) == 1
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    p = tmp_path / "run.h5"
+    p.write_text("precious")
+    with pytest.raises(store.OutputExistsError, match="--overwrite"):
+        writer(p)
+    assert p.read_text() == "precious"
+    with writer(p, overwrite=True) as w:
+        w.commit_prompt(0)
+    assert store.open_run(p).finished
+
+
+def test_second_writer_is_refused(tmp_path):
+    p = tmp_path / "run.h5"
+    with writer(p) as w:
+        with pytest.raises(store.RunLockedError, match="another driftscope process"):
+            writer(p, overwrite=True)
+        with pytest.raises(store.RunLockedError):
+            writer(p, resume=True)
+        code = ("import sys; from driftscope import store\n"
+                "try: store.RunWriter(sys.argv[1], kind='capture', argv=[], config={}, environment={}, resume=True)\n"
+                "except store.RunLockedError: sys.exit(3)\n")
+        assert subprocess.run([sys.executable, "-c", code, str(p)]).returncode == 3
+        with store.open_run(p) as run:  # a reader sees a live writer
+            assert run.status == "running" and not run.finished
+        w.commit_prompt(0)
+
+
+def test_unwritable_directory(tmp_path):
+    target = "/proc/driftscope-run.h5"
+    with pytest.raises(store.OutputError, match="cannot create"):
+        writer(target)
+    with pytest.raises(store.OutputError, match="does not exist"):
+        writer(tmp_path / "missing" / "run.h5")
+
+
+def test_full_disk_leaves_no_complete_file(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: writes fail with EFBIG mid-run."""
+    p = tmp_path / "run.h5"
+    code = f"""
+import resource, signal, sys, numpy as np
+from driftscope import store
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+w = store.RunWriter({str(p)!r}, kind="capture", argv=[], config={{}}, environment={{}})
+w.add_prompt(0, np.arange(8), "a"); w.append("t", {{"x": np.arange(10)}}); w.commit_prompt(0)
+resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
+try:
+    for i in range(1, 20):
+        w.store_tensor(dict(prompt=i, layer=0, path="fp16", site="q"), np.random.randn(4, 4096, 64))
+        w.commit_prompt(i)
+    w.close()
+except store.OutputError as e:
+    print("ERR", e); sys.exit(5)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "free space" in r.stdout
+    with store.open_run(p) as run:
+        assert not run.finished and run.status == "interrupted"
+        assert 0 in set(run.prompts()["index"])
+
+
+def test_bad_appends(tmp_path):
+    with writer(tmp_path / "r.h5") as w:
+        w.append("metrics", {"a": [1, 2], "s": ["x", "y"]})
+        with pytest.raises(store.StoreError, match="columns"):
+            w.append("metrics", {"a": [1]})
+        with pytest.raises(store.StoreError, match="holds str"):
+            w.append("metrics", {"a": [1], "s": [2]})
+        with pytest.raises(store.StoreError, match="one length"):
+            w.append("other", {"a": [1, 2], "b": [1]})
+        with pytest.raises(store.StoreError, match="tensor key"):
+            w.store_tensor({"prompt": 0}, np.zeros(3))
+        w.commit_prompt(0)
+
+
+def test_million_rows_are_cheap(tmp_path):
+    import time
+    n = 1_000_000
+    t = time.perf_counter()
+    with writer(tmp_path / "big.h5") as w:
+        for i in range(4):
+            w.append("metrics", rows(i, n // 4))
+        w.commit_prompt(0)
+    wrote = time.perf_counter() - t
+    t = time.perf_counter()
+    assert len(store.open_run(tmp_path / "big.h5").metrics()) == n
+    assert wrote < 5 and time.perf_counter() - t < 5

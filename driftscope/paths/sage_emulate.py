@@ -140,3 +140,40 @@ def sage_emulate(q, k, v, *, causal: bool, scale: float | None = None, smooth_k:
             l = l * alpha[:, :, j] + l_blk[:, :, j]
         out[:, :, :, r0:r1] = (acc / l[..., None]).view(B, Hkv, G, R, D)
     return _round_out(out.view(B, Hq, Tq, D), dtype, flavor)
+
+
+# ---- the fidelity grid (tests/test_emulator_fidelity.py on the CPU, experiments/gpu_fidelity.py on a GPU) ----
+PREFILL_LENS = (1, 63, 64, 65, 127, 128, 300, 1000)
+DECODE_KV_LENS = (1, 50, 64, 100, 130, 1000)
+
+
+def fidelity_cases() -> list[dict]:
+    """Every case of the grid: head_dim x heads x (causal prefill | decode) x dtype x K bias x smooth-K."""
+    cases = []
+    for D in (64, 128):
+        for hq, hkv in ((1, 1), (3, 1)):
+            for phase, lens in (("prefill", PREFILL_LENS), ("decode", DECODE_KV_LENS)):
+                for n in lens:
+                    for dtype in ("float16", "bfloat16"):
+                        for bias in (False, True):
+                            for smooth in (True, False):
+                                cid = (f"d{D}-h{hq}x{hkv}-{phase}{n}-{'fp16' if dtype == 'float16' else 'bf16'}"
+                                       f"-{'bias' if bias else 'nobias'}-{'smooth' if smooth else 'nosmooth'}")
+                                cases.append(dict(id=cid, D=D, hq=hq, hkv=hkv, phase=phase, n=n, dtype=dtype,
+                                                  bias=bias, smooth=smooth))
+    return cases
+
+
+def fidelity_inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded CPU inputs for a case: scores of std ~2 (peaked, not uniform); K bias ~4 sigma per channel if asked."""
+    import zlib
+    g = torch.Generator().manual_seed(zlib.crc32(case["id"].encode()))
+    D, tk = case["D"], case["n"]
+    tq = tk if case["phase"] == "prefill" else 1
+    dtype = getattr(torch, case["dtype"])
+    q = torch.randn(1, case["hq"], tq, D, generator=g) * 1.5
+    k = torch.randn(1, case["hkv"], tk, D, generator=g) * 1.5
+    if case["bias"]:
+        k = k + torch.randn(D, generator=g) * 6.0
+    v = torch.randn(1, case["hkv"], tk, D, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)

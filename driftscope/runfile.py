@@ -207,6 +207,7 @@ class Run:
             rows.append({"index": int(ds.attrs["index"]), "source": str(ds.attrs["source"]),
                          "length": int(ds.shape[0]), "complete": bool(ds.attrs["complete"])})
         df = pd.DataFrame(rows, columns=["index", "source", "length", "complete"])
+        df = df.astype({"index": np.int64, "source": str, "length": np.int64, "complete": bool})
         return df.sort_values("index", ignore_index=True)
 
     @_guard

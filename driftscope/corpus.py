@@ -94,17 +94,20 @@ def tokenize(corpus: Corpus, tokenizer) -> list[np.ndarray]:
             for _title, text in corpus.documents]
 
 
-def prompts(corpus: Corpus, tokenizer, length: int, count: int) -> list[tuple[np.ndarray, str]]:
+def prompts(corpus: Corpus, tokenizer, length: int, count: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
     """`count` prompts of exactly `length` tokens, each from the start of a different document where possible.
 
+    Documents are taken in corpus order for seed 0, else in an order shuffled by `seed`.
     Documents too short for `length` are skipped; a single long document (a user's file) is cut into
     consecutive windows. Returns (token ids, source) pairs; the source names the document and token offset.
     """
     if length < 1 or count < 1:
         raise CorpusError(f"prompt length and count must be positive, got length={length}, count={count}")
-    docs = tokenize(corpus, tokenizer)
+    order = np.arange(len(corpus)) if seed == 0 else np.random.default_rng(seed).permutation(len(corpus))
+    documents = [corpus.documents[i] for i in order]
+    docs = tokenize(Corpus(tuple(documents), corpus.source), tokenizer)
     out: list[tuple[np.ndarray, str]] = []
-    for (title, _), ids in zip(corpus.documents, docs):
+    for (title, _), ids in zip(documents, docs):
         offset = 0
         while offset + length <= len(ids) and len(out) < count:
             out.append((ids[offset:offset + length], f"{title}@{offset}"))

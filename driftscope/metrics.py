@@ -19,8 +19,9 @@ DRIFT_METRICS = ("cosine", "rel_l2", "rel_l1", "rmse", "max_abs")
 OUTLIER_METRICS = ("absmax", "channel_max_median", "kurtosis", "frac_6sigma")
 
 
-def drift(x_HxN: torch.Tensor, ref_HxN: torch.Tensor, chunk: int | None = None) -> dict[str, torch.Tensor]:
-    """Drift per head: x and ref are [heads, ...]; each metric is a float64 tensor [heads].
+def drift_sums(x_HxN: torch.Tensor, ref_HxN: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """The sufficient statistics of drift per head, float64 [7, heads]: sums of x*r, x^2, r^2, d^2, |d|, |r|,
+    and max |d|. Sums over heads give the statistics of all heads together (see `pool`).
 
     `chunk` bounds memory for huge tensors (logits): the sums are accumulated over slices of dim 1.
     """
@@ -34,7 +35,17 @@ def drift(x_HxN: torch.Tensor, ref_HxN: torch.Tensor, chunk: int | None = None) 
         part = torch.stack([(xs * rs).sum(1), xs.pow(2).sum(1), rs.pow(2).sum(1), d.pow(2).sum(1),
                             d.abs().sum(1), rs.abs().sum(1), d.abs().amax(1)])
         sums = part if sums is None else torch.cat([sums[:6] + part[:6], torch.maximum(sums[6:], part[6:])])
-    xr, xx, rr, dd, d1, r1, dmax = sums
+    return sums
+
+
+def pool(sums_7xH: torch.Tensor) -> torch.Tensor:
+    """Statistics of all heads together, [7, 1]."""
+    return torch.cat([sums_7xH[:6].sum(1, keepdim=True), sums_7xH[6:].amax(1, keepdim=True)])
+
+
+def drift_from_sums(sums_7xH: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """The drift metrics from `drift_sums` of tensors with n elements per head."""
+    xr, xx, rr, dd, d1, r1, dmax = sums_7xH
     tiny = torch.finfo(torch.float64).tiny
     # sqrt(fl(a*a)) == a in IEEE arithmetic, so identical inputs give a cosine of exactly 1.
     return {
@@ -44,6 +55,11 @@ def drift(x_HxN: torch.Tensor, ref_HxN: torch.Tensor, chunk: int | None = None) 
         "rmse": (dd / n).sqrt(),
         "max_abs": dmax,
     }
+
+
+def drift(x_HxN: torch.Tensor, ref_HxN: torch.Tensor, chunk: int | None = None) -> dict[str, torch.Tensor]:
+    """Drift per head: x and ref are [heads, ...]; each metric is a float64 tensor [heads]."""
+    return drift_from_sums(drift_sums(x_HxN, ref_HxN, chunk), x_HxN[0].numel())
 
 
 def rel_l2_by_position(x_HxTxD: torch.Tensor, ref_HxTxD: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:

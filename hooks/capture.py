@@ -93,9 +93,14 @@ class Tap:
                chunk: int | None = None) -> None:
         rec = self.records
         if heads:
-            for metric, values in metrics.drift(x, ref).items():
+            sums = metrics.drift_sums(x, ref)
+            n = x[0].numel()
+            for metric, values in metrics.drift_from_sums(sums, n).items():
                 rec.add(layer, site, path, metric, values)
-        for metric, values in metrics.drift(x.reshape(1, -1), ref.reshape(1, -1), chunk=chunk).items():
+            pooled = metrics.drift_from_sums(metrics.pool(sums), n * x.shape[0])
+        else:
+            pooled = metrics.drift(x.reshape(1, -1), ref.reshape(1, -1), chunk=chunk)
+        for metric, values in pooled.items():
             rec.add(layer, site, path, metric, values, heads=False)
         if self.records.context.phase == "prefill" and site in ("attn_out", "resid"):
             x3 = x if x.dim() == 3 else x[None]

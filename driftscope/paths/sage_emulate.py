@@ -79,6 +79,17 @@ def sage_emulate(q, k, v, *, causal: bool, scale: float | None = None, smooth_k:
     (None: once per 64-key block, as the interpreter); `pad_keys=False` drops the non-causal kernel's padded keys
     (what the kernel presumably intends, not what it does).
     """
+    prec = torch.get_float32_matmul_precision()
+    if prec != "highest":  # TF32 would round fp16 P to 10 mantissa bits in P.V
+        torch.set_float32_matmul_precision("highest")
+    try:
+        return _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys)
+    finally:
+        if prec != "highest":
+            torch.set_float32_matmul_precision(prec)
+
+
+def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv

@@ -186,3 +186,30 @@ def test_million_rows_are_cheap(tmp_path):
     t = time.perf_counter()
     assert len(store.open_run(tmp_path / "big.h5").metrics()) == n
     assert wrote < 5 and time.perf_counter() - t < 5
+
+
+def test_torch_tensors_are_copied_at_call(tmp_path):
+    torch = pytest.importorskip("torch")
+    p = tmp_path / "t.h5"
+    t = torch.ones(2, 16, 4, dtype=torch.float32)
+    with writer(p) as w:
+        w.store_tensor(dict(prompt=0, layer=0, path="fp16", site="k"), t)
+        t += 1  # the caller reuses its buffer: the stored copy must not change
+        w.append("metrics", {"value": torch.arange(3, dtype=torch.float32)})
+        w.commit_prompt(0)
+    with store.open_run(p) as run:
+        assert (run.activations(prompt=0, layer=0, path="fp16", site="k") == 1).all()
+        assert run.metrics().value.dtype == np.float32
+
+
+def test_reader_sees_last_commit_of_a_live_writer(tmp_path):
+    p = tmp_path / "live.h5"
+    w = writer(p)
+    w.add_prompt(0, np.arange(4), "a")
+    w.append("metrics", rows(0))
+    w.commit_prompt(0)
+    w.add_prompt(1, np.arange(4), "a")
+    w.store_tensor(dict(prompt=1, layer=0, path="fp16", site="q"), np.ones((2, 4, 4)))
+    with store.open_run(p) as run:
+        assert run.status == "running" and set(run.metrics().prompt) == {0}
+    w.close()

@@ -68,3 +68,51 @@ class CaptureConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+QUANT_ATTENTION = ("off", "8bit")  # the runtime flag: off = the model's own SDPA, 8bit = attn_implementation "sage8"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str = "smollm2-135m"  # alias, hub id or local folder (driftscope.models)
+    quant_attention: str = "off"  # off: both sides are the SDPA baseline (every delta is exactly 0); 8bit: sage8
+    sage_impl: str = "auto"  # kernel | interpret | emulate | auto (kernel on CUDA, emulate on the CPU)
+    contexts: tuple[int | str, ...] = (512, 2048, "max")  # perplexity/logit window lengths; "max": the model's context
+    windows: int = 4  # non-overlapping corpus windows per context
+    generate: tuple[int, int] = (4, 32)  # (prompts N, new tokens T) of greedy generation; N = 0 skips it
+    prompt_length: int = 128  # tokens of each generation prompt
+    corpus: str | None = None  # a UTF-8 text file; None: the embedded Wikipedia extract
+    device: str = "auto"  # cpu | cuda[:N] | auto
+    dtype: str = "auto"  # the model's (and the baseline's) dtype; auto: float16 on CUDA, bfloat16 on the CPU
+    device_map: str | None = None  # e.g. "auto": spread the model over GPUs with accelerate
+    seed: int = 0  # seeds the bootstrap and orders the documents generation prompts come from
+    bootstrap: int = 2000  # bootstrap resamples of the windows for the perplexity delta's 95% interval
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        check_one_of("--quant-attention value", self.quant_attention, QUANT_ATTENTION)
+        check_one_of("sage implementation", self.sage_impl, paths.SAGE_IMPLS)
+        check_one_of("dtype", self.dtype, DTYPE_NAMES)
+        if not self.contexts:
+            raise ConfigError("contexts must name at least one window length, e.g. 512,2048,max")
+        for c in self.contexts:
+            if c != "max" and (not isinstance(c, int) or isinstance(c, bool) or c < 2):
+                raise ConfigError(f"context {c!r} must be an integer of at least 2 tokens or the word 'max'")
+        _positive("windows", [self.windows])
+        if len(self.generate) != 2 or any(not isinstance(v, int) or v < 0 for v in self.generate):
+            raise ConfigError(f"generate must be N,T (prompts, new tokens), non-negative integers, "
+                              f"got {','.join(map(str, self.generate))!r}")
+        if self.generate[0] > 0 and self.generate[1] < 1:
+            raise ConfigError(f"generate {self.generate[0]},{self.generate[1]} asks for prompts with 0 new tokens; "
+                              f"give T >= 1, or N = 0 to skip generation")
+        _positive("prompt_length", [self.prompt_length])
+        _positive("bootstrap", [self.bootstrap])
+
+    def resolved_contexts(self, max_context: int) -> tuple[int, ...]:
+        """The contexts with "max" replaced by `max_context`, deduplicated, in the order given."""
+        out = [max_context if c == "max" else c for c in self.contexts]
+        return tuple(dict.fromkeys(out))
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -41,33 +41,33 @@ def _clean_wiki(text: str) -> str:
 
 
 def wikipedia() -> Corpus:
+    from .models import cache_dir
+
+    source = f"gensim==4.4.0:{GENSIM_WIKI}"
+    cached = cache_dir() / "corpus-gensim-enwiki-v1.json"  # the cleaned articles, made once from gensim's file
+    if cached.is_file():
+        return Corpus(tuple((t, x) for t, x in json.loads(cached.read_text())), source=source)
     spec = importlib.util.find_spec("gensim")
     if spec is None or spec.origin is None:
         raise CorpusError("the default corpus needs gensim==4.4.0 (`pip install gensim==4.4.0`), or pass --corpus FILE")
     path = Path(spec.origin).parent / GENSIM_WIKI
     if not path.is_file():
         raise CorpusError(f"gensim has no Wikipedia test extract at {path}; install gensim==4.4.0 or pass --corpus FILE")
-    from .models import cache_dir
+    from gensim.corpora.wikicorpus import extract_pages
 
-    cached = cache_dir() / "corpus-gensim-enwiki-v1.json"
-    if cached.is_file():
-        docs = json.loads(cached.read_text())
-    else:
-        from gensim.corpora.wikicorpus import extract_pages
-
-        docs = []
-        with bz2.open(path, "rb") as f:
-            for title, text, _pageid in extract_pages(f):
-                if text.lstrip().lower().startswith("#redirect"):
-                    continue
-                text = _clean_wiki(text)
-                if len(text) >= MIN_ARTICLE_CHARS:
-                    docs.append([title, text])
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(docs))
-        tmp.replace(cached)
-    return Corpus(tuple((t, x) for t, x in docs), source=f"gensim==4.4.0:{GENSIM_WIKI}")
+    docs = []
+    with bz2.open(path, "rb") as f:
+        for title, text, _pageid in extract_pages(f):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            text = _clean_wiki(text)
+            if len(text) >= MIN_ARTICLE_CHARS:
+                docs.append([title, text])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(docs))
+    tmp.replace(cached)
+    return Corpus(tuple((t, x) for t, x in docs), source=source)
 
 
 def from_file(path: str | Path) -> Corpus:

@@ -12,7 +12,7 @@ from . import corpus as corpora
 from . import environment, paths, store
 from .config import CaptureConfig
 from .errors import ConfigError
-from .models import load_model
+from .models import inspect, load_model
 from .records import Context, Records
 
 
@@ -46,9 +46,11 @@ def capture(config: CaptureConfig | None = None, *, out: str | Path | None = Non
     config = config or CaptureConfig(**overrides)
     out = Path(out) if out is not None else default_out(config)
     device = environment.resolve_device(config.device)
+    check_model(config, inspect(config.model, config.dtype, device, config.trust_remote_code))
+    if out.exists() and not (overwrite or resume):
+        raise store.OutputExistsError(f"{out} exists; pass --overwrite to replace it or --resume to continue it")
     model, tokenizer, info = load_model(config.model, dtype=config.dtype, device=device,
                                         device_map=config.device_map, trust_remote_code=config.trust_remote_code)
-    check_model(config, info)
     text = corpora.load_corpus(config.corpus)
     prompts = [(length, ids, source) for length in config.lengths
                for ids, source in corpora.prompts(text, tokenizer, length, config.prompts, seed=config.seed)]

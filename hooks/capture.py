@@ -27,7 +27,8 @@ from driftscope.records import Records
 from .attention import check_mask, is_causal_call, register_function, unregister_function
 
 SITES = ("q", "k", "v", "attn_out", "resid", "logits")
-POSITION_BINS = 256  # per-position curves are binned to at most this many points
+POSITION_BINS = 128  # per-position curves are binned to at most this many points
+HEAD_METRICS = ("cosine", "rel_l2", "rel_l1")  # per head; all of metrics.DRIFT_METRICS over all heads
 MASSIVE_TOP_K = 8
 SCORE_ROWS = 256  # query rows sampled for the QK^T quantization error
 LOGITS_CHUNK = 1 << 22
@@ -95,8 +96,9 @@ class Tap:
         if heads:
             sums = metrics.drift_sums(x, ref)
             n = x[0].numel()
-            for metric, values in metrics.drift_from_sums(sums, n).items():
-                rec.add(layer, site, path, metric, values)
+            per_head = metrics.drift_from_sums(sums, n)
+            for metric in HEAD_METRICS:
+                rec.add(layer, site, path, metric, per_head[metric])
             pooled = metrics.drift_from_sums(metrics.pool(sums), n * x.shape[0])
         else:
             pooled = metrics.drift(x.reshape(1, -1), ref.reshape(1, -1), chunk=chunk)
@@ -120,7 +122,8 @@ class Tap:
                     self._drift(layer, site, names[r], t[r], t[0])
             if self._stats_now():
                 for r in self._first_rows() if self.mode == "propagated" else [0]:
-                    self._outliers(layer, site, names[r], t[r], profile=site in ("q", "k", "v"))
+                    # channel profiles of the reference row only: other rows see (nearly) the same q, k, v
+                    self._outliers(layer, site, names[r], t[r], profile=r == 0 and site in ("q", "k", "v"))
             if self.sink is not None and self.store.wants(site, layer):
                 for r in rows:
                     self._store(layer, site, names[r], t[r])
@@ -135,10 +138,13 @@ class Tap:
         for metric, values in metrics.outliers(x_HxTxD).items():
             rec.add(layer, site, path, metric, values)
         if profile:
-            ch = metrics.channel_absmax(x_HxTxD)  # [H, C]
-            idx = torch.arange(ch.shape[1], device=ch.device)
-            for h in range(ch.shape[0]):
-                rec.add(layer, site, path, "absmax_channel", ch[h], heads=False, head=h, index=idx)
+            profiles = {"absmax_channel": metrics.channel_absmax(x_HxTxD)}  # [H, C]
+            if site == "k":  # and K as the kernel quantizes it with smoothing on
+                profiles["absmax_channel_smoothed"] = metrics.channel_absmax(x_HxTxD - x_HxTxD.mean(dim=1, keepdim=True))
+            idx = torch.arange(x_HxTxD.shape[-1], device=x_HxTxD.device)
+            for metric, ch in profiles.items():
+                for h in range(ch.shape[0]):
+                    rec.add(layer, site, path, metric, ch[h], heads=False, head=h, index=idx)
 
     def _smoothing(self, layer: int, q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor) -> None:
         """Smoothing-K statistics per KV head, from the reference row (see driftscope.smoothing)."""

@@ -19,7 +19,7 @@ SITES = {"q", "k", "v", "attn_out", "resid", "logits"}
 
 
 def _capture(tmp_path, name, **kw):
-    config = CaptureConfig(lengths=(48,), prompts=1, decode=2, **kw)
+    config = CaptureConfig(**{"lengths": (48,), "prompts": 1, "decode": 2, **kw})
     out = engine.capture(config, out=tmp_path / f"{name}.h5", progress=False, argv=["test"])
     with store.open_run(out) as run:
         return run.metrics(), run
@@ -165,3 +165,18 @@ def test_bad_input_exits_2_with_one_line(tmp_path, run_cli, smol_folder):
     existing.write_bytes(b"not empty")
     assert_one_line_error(run_cli("capture", "--out", str(existing)), str(existing), "--overwrite")
     assert existing.read_bytes() == b"not empty"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and the compiled sageattention kernel")
+def test_null_drift_is_exact_with_the_compiled_kernel_in_place(tmp_path):
+    """Rows 0 and 1 run fp16 while row 2 runs the compiled kernel in the same lockstep batch."""
+    df, run = _capture(tmp_path, "cuda-null", paths=("fp16", "fp16", "sage8"), device="cuda", lengths=(300,))
+    assert run.environment["sage_impl"]["sage8"] == "kernel"
+    d = df[df["metric"].isin(DRIFT_METRICS)]
+    null = d[d["path"] == "fp16"]
+    assert set(null["site"]) == SITES and set(null["phase"]) == {"prefill", "decode"}
+    assert (null[null["metric"] == "cosine"]["value"] == 1.0).all()
+    assert (null[null["metric"] != "cosine"]["value"] == 0.0).all()
+    sage = d[(d["path"] == "sage8") & (d["site"] == "attn_out") & (d["metric"] == "rel_l2") & (d["head"] == -1)]
+    assert (sage["value"] > 1e-4).all()

@@ -264,17 +264,19 @@ def worst_k_head(df: pd.DataFrame, length: int | None = None) -> tuple[int, int]
 
 
 def k_channel_profile(df: pd.DataFrame, layer: int, kv_head: int, k_TxD: np.ndarray | None = None,
-                      length: int | None = None) -> pd.DataFrame:
+                      length: int | None = None, prompt: int | None = None) -> pd.DataFrame:
     """K's per-channel profile at (layer, kv_head); columns statistic, channel, value.
 
     From the metrics (always): ``absmax`` = max over tokens of |K[:, c]| of the reference path (mean over
     prompts). The smoothed profile is not a stored statistic: with ``k_TxD`` (the stored tensor of that head,
-    [tokens, head_dim]) it adds ``absmax smoothed`` = max_t |K[t, c] - mean_t K[:, c]| and ``|mean|`` =
+    [tokens, head_dim], of ``prompt``; the stored absmax is then taken from that prompt only) it adds ``absmax smoothed`` = max_t |K[t, c] - mean_t K[:, c]| and ``|mean|`` =
     |mean_t K[:, c]|, exactly as the kernel smooths (over the prompt's tokens).
     """
     d = _pick(df, length, site="k", metric="absmax_channel", phase="prefill", path=reference(df), layer=layer,
               head=kv_head)
     d = _need(d, f"K absmax_channel profile for layer {layer}, KV head {kv_head}", df)
+    if prompt is not None:
+        d = d[d["prompt"] == prompt]
     prof = _mean(d, ["index"]).rename(columns={"index": "channel"}).assign(statistic="absmax")
     parts = [prof]
     if k_TxD is not None:

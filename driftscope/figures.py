@@ -64,23 +64,23 @@ def capture_figure(name: str, df: pd.DataFrame, save_to, run=None):
         return analysis.massive_activations(df), plots.massive_activations(df, save_to)
     if name == "k_profile":
         layer, head = analysis.worst_k_head(df)
-        k = stored_k(run, df, layer, head) if run is not None else None
-        prof = analysis.k_channel_profile(df, layer, head, k)
+        k, prompt = stored_k(run, df, layer, head) if run is not None else (None, None)
+        prof = analysis.k_channel_profile(df, layer, head, k, prompt=prompt)
         return prof, plots.k_channel_profile(prof, save_to, layer=layer, kv_head=head, title_df=df)
     raise FiguresError(f"unknown figure {name!r}; expected one of {', '.join(CAPTURE_FIGURES)}")
 
 
 def stored_k(run, df: pd.DataFrame, layer: int, kv_head: int):
     """The reference's stored prefill K [tokens, head_dim] of one KV head (first prompt of the longest length),
-    or None when the run did not store it (`capture --store k`) in full."""
+    and that prompt's index, or (None, None) when the run did not store it (`capture --store k`) in full."""
     from . import analysis, store
 
     if "k" not in (run.config.get("store") or []):
-        return None
+        return None, None
     heads = run.config.get("heads")
     tokens = run.config.get("tokens")
-    if tokens is not None or (heads is not None and kv_head not in heads):
-        return None  # a token slice or a head subset would not smooth as the kernel does
+    if tokens is not None or heads is not None:
+        return None, None  # a token slice or a head subset would not smooth as the kernel does
     length = analysis.longest(df)
     prompt = int(df.loc[df["length"] == length, "prompt"].min())
     ref = analysis.reference(df)
@@ -88,8 +88,8 @@ def stored_k(run, df: pd.DataFrame, layer: int, kv_head: int):
     try:
         k_HxTxD = run.activations(prompt=prompt, layer=layer, path=ref, site="k", mode=mode)
     except store.NotStoredError:
-        return None
-    return k_HxTxD[kv_head]
+        return None, None
+    return k_HxTxD[kv_head], prompt
 
 
 def metrics_with_meta(run) -> pd.DataFrame:

@@ -267,27 +267,33 @@ def k_channel_profile(df: pd.DataFrame, layer: int, kv_head: int, k_TxD: np.ndar
                       length: int | None = None, prompt: int | None = None) -> pd.DataFrame:
     """K's per-channel profile at (layer, kv_head); columns statistic, channel, value.
 
-    From the metrics (always): ``absmax`` = max over tokens of |K[:, c]| of the reference path (mean over
-    prompts). The smoothed profile is not a stored statistic: with ``k_TxD`` (the stored tensor of that head,
-    [tokens, head_dim], of ``prompt``; the stored absmax is then taken from that prompt only) it adds ``absmax smoothed`` = max_t |K[t, c] - mean_t K[:, c]| and ``|mean|`` =
-    |mean_t K[:, c]|, exactly as the kernel smooths (over the prompt's tokens).
+    - ``absmax``: max over tokens of |K[:, c]| of the reference path (stored statistic ``absmax_channel``);
+    - ``absmax smoothed``: max_t |K[t, c] - mean_t K[:, c]|, K as sage8 quantizes it (stored statistic
+      ``absmax_channel_smoothed`` when the run has it, else computed from ``k_TxD``);
+    - ``|mean|``: |mean_t K[:, c]|, what smoothing removes (only with ``k_TxD``).
+    ``k_TxD`` is the stored K of that head, [tokens, head_dim], of prompt ``prompt``; with it, every statistic
+    comes from that prompt, otherwise they are means over the prompts of the longest length.
     """
-    d = _pick(df, length, site="k", metric="absmax_channel", phase="prefill", path=reference(df), layer=layer,
-              head=kv_head)
-    d = _need(d, f"K absmax_channel profile for layer {layer}, KV head {kv_head}", df)
+    d = _pick(df, length, site="k", phase="prefill", path=reference(df), layer=layer, head=kv_head,
+              metric=["absmax_channel", "absmax_channel_smoothed"])
     if prompt is not None:
         d = d[d["prompt"] == prompt]
-    prof = _mean(d, ["index"]).rename(columns={"index": "channel"}).assign(statistic="absmax")
+    _need(d[d["metric"] == "absmax_channel"], f"K absmax_channel profile for layer {layer}, KV head {kv_head}", df)
+    names = {"absmax_channel": "absmax", "absmax_channel_smoothed": "absmax smoothed"}
+    prof = _mean(d, ["metric", "index"]).rename(columns={"index": "channel"})
+    prof["statistic"] = prof["metric"].map(names)
     parts = [prof]
     if k_TxD is not None:
         k = np.asarray(k_TxD, dtype=np.float32)
         mu = k.mean(0)
         ch = np.arange(k.shape[1])
-        parts.append(pd.DataFrame({"channel": ch, "value": np.abs(k - mu).max(0), "statistic": "absmax smoothed"}))
+        if not (prof["statistic"] == "absmax smoothed").any():
+            parts.append(pd.DataFrame({"channel": ch, "value": np.abs(k - mu).max(0), "statistic": "absmax smoothed"}))
         parts.append(pd.DataFrame({"channel": ch, "value": np.abs(mu), "statistic": "|mean|"}))
     out = pd.concat(parts, ignore_index=True)[["statistic", "channel", "value"]]
     out["value"] = out["value"].astype(np.float64)
-    return out
+    out["channel"] = out["channel"].astype(np.int64)
+    return out.sort_values(["statistic", "channel"], ignore_index=True)
 
 
 def massive_activations(df: pd.DataFrame, path: str | None = None, length: int | None = None) -> pd.DataFrame:

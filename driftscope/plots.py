@@ -42,8 +42,8 @@ _PALETTE = sns.color_palette("colorblind", 10)
 PATH_COLORS = {"fp32": _PALETTE[7], "fp16": _PALETTE[0], "sage8": _PALETTE[3], "sage8-nosmooth": _PALETTE[2]}
 PHASE_STYLES = {"prefill": "-", "decode": "--"}
 METRIC_LABELS = {
-    "rel_l2": "relative L2  |x − ref| / |ref|",
-    "rel_l1": "relative L1  Σ|x − ref| / Σ|ref|",
+    "rel_l2": "relative L2 (‖x − ref‖ / ‖ref‖)",
+    "rel_l1": "relative L1 (Σ|x − ref| / Σ|ref|)",
     "cosine": "cosine similarity",
     "one_minus_cosine": "1 − cosine similarity",
     "rmse": "RMSE (activation units)",
@@ -168,8 +168,9 @@ def drift_through_depth(df: pd.DataFrame, save_to=None, mode: str = "propagated"
                         ms=3, lw=1.4, label=f"{path}, {phase}")
         _log_or_linear(ax, d["value"])
         ax.set_xlabel("decoder layer (last tick: logits)")
-        ax.set_ylabel(f"residual stream {METRIC_LABELS[metric]}")
-        ticks = list(range(0, n_layers, max(1, n_layers // 8)))
+        ax.set_ylabel(f"residual stream\n{METRIC_LABELS[metric]}")
+        step = max(1, n_layers // 8)
+        ticks = [t for t in range(0, n_layers, step) if t <= n_layers - 1.5 * step or t == 0]
         ax.set_xticks(ticks + [n_layers])
         ax.set_xticklabels([str(t) for t in ticks] + ["logits"])
     axes[0].set_title("direction (1 − cosine)")
@@ -267,17 +268,19 @@ def k_channel_profile(profile: pd.DataFrame, save_to=None, layer: int | None = N
     after smoothing. ``profile`` is ``analysis.k_channel_profile(...)`` (columns statistic, channel, value)."""
     fig, ax = plt.subplots(figsize=(9, 3.6), constrained_layout=True)
     raw = profile[profile["statistic"] == "absmax"].sort_values("channel")
+    if raw.empty:
+        raise analysis.AnalysisError("the K profile has no 'absmax' rows")
     ax.bar(raw["channel"], raw["value"], width=0.85, color="0.65", label="max_t |K| (as stored, unsmoothed)")
     sm = profile[profile["statistic"] == "absmax smoothed"].sort_values("channel")
+    mu = profile[profile["statistic"] == "|mean|"].sort_values("channel")
     if not sm.empty:
         ax.bar(sm["channel"], sm["value"], width=0.45, color=path_color(analysis.SAGE),
                label="max_t |K − mean_t K| (smoothed, as sage8 quantizes it)")
-        mu = profile[profile["statistic"] == "|mean|"].sort_values("channel")
+    if not mu.empty:
         ax.plot(mu["channel"], mu["value"], "_", color="k", ms=7, mew=1.5, label="|mean_t K| (removed by smoothing)")
-        note = ""
-    else:
-        note = ("after smoothing: not derivable from stored statistics; capture with "
-                f"--store k --layers {layer} to add it")
+    if sm.empty:
+        note = ("after smoothing: not in this run's statistics; a newer capture stores it, or capture with "
+                f"--store k --layers {layer}")
         fig.text(0.5, 0.0, note, ha="center", va="top", fontsize=8, color="0.35")
     ax.set_xlabel("K channel (head_dim index)")
     ax.set_ylabel("per-channel absmax over tokens")

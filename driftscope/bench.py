@@ -70,17 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ThroughputConfig(**{**base, **given, "device": args.device, "dtype": args.dtype,
                                  "sage_impl": args.sage_impl or ("emulate" if cpu else "kernel")})
     full_argv = ["python", "-m", "driftscope.bench", *(sys.argv[1:] if argv is None else argv)]
-    result = run_throughput(config, argv=full_argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = bt.write_json(result, out_dir / "bench_throughput.json")
+    json_path = out_dir / "bench_throughput.json"
+    result = run_throughput(config, argv=full_argv, checkpoint=lambda partial: bt.write_json(partial, json_path))
+    path = bt.write_json(result, json_path)
     print("\n".join(["", f"card: {result['machine']['device_name']}", *result["summary"]]), flush=True)
     if not args.no_figure:
         import pandas as pd
 
         png = out_dir / "bench_throughput.png"
-        plot_throughput(pd.DataFrame(result["records"]), save_to=png,
-                        title=f"fp16 (SDPA) vs sage8 on {result['machine']['device_name']}")
+        plot_throughput(pd.DataFrame(result["records"]), save_to=png, baseline=config.paths[0],
+                        title=f"{' vs '.join(config.paths)} on {result['machine']['device_name']}")
         print(f"figure: {png}")
     print(f"results: {path}")
     return 0

@@ -7,8 +7,9 @@ like with like):
   tokens/s = T / median time.
 - decode: the context of T tokens is prefilled once (with the KV cache), then `decode_steps` greedy steps are
   timed; the cache is cropped back to T before every repeat. tokens/s = steps / median time (batch 1).
-Peak memory is `torch.cuda.max_memory_allocated` inside each measurement (reset before it), weights included;
-`peak_over_weights` subtracts the memory allocated before the measurement.
+Peak memory is `torch.cuda.max_memory_allocated` inside each measurement (reset before it), weights included
+(decode: during the timed steps, KV cache included; the context's prefill peak is `peak_prefill_bytes`);
+`peak_over_weights_bytes` subtracts the memory allocated before the measurement.
 
 Paths map to transformers' attention implementations: `fp16` is transformers' own `sdpa` (the baseline a user
 runs), `sage8` / `sage8-nosmooth` are driftscope's AttentionInterface functions (`driftscope.hooks.attention`)
@@ -88,14 +89,11 @@ def _crop(cache, length: int) -> bool:
     extra = cache.get_seq_length() - length
     if extra <= 0:
         return extra == 0
-    for arg in (length, -extra):  # crop(max_length) in older transformers, crop(-tokens_to_remove) in newer
-        try:
-            cache.crop(arg)
-        except (ValueError, TypeError, AttributeError):
-            continue
-        if cache.get_seq_length() == length:
-            return True
-    return False
+    try:
+        cache.crop(-extra)  # a negative argument removes that many tokens, in old and new transformers alike
+    except (ValueError, TypeError, AttributeError, RuntimeError):
+        return False
+    return cache.get_seq_length() == length
 
 
 def measure_prefill(model, tokens: int, config: ThroughputConfig, generator: torch.Generator) -> dict:
@@ -206,9 +204,28 @@ def with_ratios(records: Sequence[dict], baseline: str) -> list[dict]:
 
 
 def run_throughput(config: ThroughputConfig, argv: Sequence[str] | None = None,
-                   progress: Callable[[str], None] = bt.log) -> dict:
-    """Every model of `config`: records with ratios, plus machine, versions and config (JSON-ready)."""
+                   progress: Callable[[str], None] = bt.log, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Every model of `config`: records with ratios, plus machine, versions and config (JSON-ready).
+
+    `checkpoint(partial_result)` is called after each model (so a run cut short keeps what it measured)."""
     records, models = [], []
+    machine, versions = bt.machine(config.device), bt.versions()
+
+    def result(complete: bool) -> dict:
+        recs = with_ratios(records, config.paths[0])
+        return {
+            "benchmark": "throughput",
+            "complete": complete,
+            "argv": list(argv) if argv is not None else None,
+            "config": config.as_dict(),
+            "machine": machine,
+            "versions": versions,
+            "models": models,
+            "method": __doc__.split("\n\n", 1)[1].strip(),
+            "records": recs,
+            "summary": summarize(recs, config.paths[0]),
+        }
+
     for name in config.models:
         progress(f"building {name} on {config.device}")
         try:
@@ -224,18 +241,9 @@ def run_throughput(config: ThroughputConfig, argv: Sequence[str] | None = None,
         finally:
             del model
             bt.release(config.device)
-    records = with_ratios(records, config.paths[0])
-    return {
-        "benchmark": "throughput",
-        "argv": list(argv) if argv is not None else None,
-        "config": config.as_dict(),
-        "machine": bt.machine(config.device),
-        "versions": bt.versions(),
-        "models": models,
-        "method": __doc__.split("\n\n", 1)[1].strip(),
-        "records": records,
-        "summary": summarize(records, config.paths[0]),
-    }
+        if checkpoint is not None:
+            checkpoint(result(False))
+    return result(True)
 
 
 def summarize(records: Sequence[dict], baseline: str) -> list[str]:
@@ -256,30 +264,35 @@ def summarize(records: Sequence[dict], baseline: str) -> list[str]:
     return lines
 
 
-def plot_throughput(df, save_to=None, title: str | None = None):
-    """Tokens/s (top) and peak memory (bottom) against tokens, prefill (left) and decode (right), one line per
-    path, one marker style per model. `df`: the records as a DataFrame."""
+def plot_throughput(df, save_to=None, title: str | None = None, baseline: str = "fp16"):
+    """Tokens/s, speed ratio vs `baseline` and peak memory (rows) against tokens, for prefill and decode (columns);
+    one colour per path, one marker per model. `df`: the records as a DataFrame (`run_throughput()["records"]`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex="col")
+    fig, axes = plt.subplots(3, 2, figsize=(11, 10), sharex="col")
     df = df[df["tokens_per_s"].notna()] if "tokens_per_s" in df else df.iloc[0:0]
     markers = dict(zip(sorted(df["model"].unique()) if len(df) else [], "osD^v"))
     colors = dict(zip(ATTN_IMPLEMENTATION, ("tab:blue", "tab:red", "tab:orange")))
+    ratio_col = f"tokens_per_s_vs_{baseline}"
     for col, phase in enumerate(("prefill", "decode")):
         part = df[df["phase"] == phase]
         for (model, path), g in part.groupby(["model", "path"]):
             g = g.sort_values("tokens")
             kw = dict(marker=markers.get(model, "o"), color=colors.get(path), label=f"{model} {path}")
             axes[0, col].plot(g["tokens"], g["tokens_per_s"], **kw)
+            if path != baseline and ratio_col in g:
+                axes[1, col].plot(g["tokens"], g[ratio_col], **kw)
             if "peak_bytes" in g and g["peak_bytes"].notna().any():
-                axes[1, col].plot(g["tokens"], g["peak_bytes"] / 2**30, **kw)
+                axes[2, col].plot(g["tokens"], g["peak_bytes"] / 2**30, **kw)
         axes[0, col].set_title(f"{phase}: tokens/s" + (" (batch 1, per decoded token)" if phase == "decode" else ""))
-        axes[1, col].set_title(f"{phase}: peak allocated memory (GiB)")
-        axes[1, col].set_xlabel("prompt tokens" if phase == "prefill" else "KV-cache length (tokens)")
-        for row in range(2):
+        axes[1, col].set_title(f"{phase}: tokens/s relative to {baseline} (same run)")
+        axes[1, col].axhline(1.0, color="k", lw=0.8, ls="--")
+        axes[2, col].set_title(f"{phase}: peak allocated memory (GiB)")
+        axes[2, col].set_xlabel("prompt tokens" if phase == "prefill" else "KV-cache length (tokens)")
+        for row in range(3):
             axes[row, col].set_xscale("log", base=2)
             axes[row, col].grid(alpha=0.3)
         axes[0, col].set_yscale("log")
@@ -288,8 +301,8 @@ def plot_throughput(df, save_to=None, title: str | None = None):
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     if save_to is not None:
-        fig.savefig(save_to, dpi=130)
+        fig.savefig(save_to, dpi=120)
         plt.close(fig)
     return fig

@@ -259,3 +259,12 @@ def write_json(result: dict, path) -> Path:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_script(main: Callable[[], int], name: str) -> int:
+    """Run an experiments/ script's main: a DriftscopeError (e.g. no CUDA) is one line on stderr and exit 2."""
+    try:
+        return main() or 0
+    except DriftscopeError as e:
+        print(f"{name}: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny model, 64 tokens, 1 repeat (CPU plumbing check)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.model, args.tokens, args.warmup, args.repeats = "tiny-llama", 64, 0, 1
+        args.model, args.tokens, args.warmup, args.repeats = "tiny-llama", 64, 1, 1
     device = args.device
     if bt.is_cuda(device):
         bt.require_cuda("bench_capture_overhead.py")
@@ -281,4 +281,4 @@ def plot(result, save_to):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bt.run_script(main, "bench_capture_overhead.py"))

@@ -5,7 +5,8 @@ label it. `columns()` moves everything to the host in a single copy and expands 
 `metrics` table's columns: prompt, length, mode, phase, step, layer, head, site, path, metric, index, value.
 
 - head  = -1 for values over all heads (and for sites without heads: resid, logits). Drift is recorded
-          per head as cosine, rel_l2 and rel_l1, and over all heads with every drift metric.
+          per head as cosine, rel_l2 and rel_l1 (decode steps: attn_out only), and over all heads with
+          every drift metric.
 - layer = -1 for model-level sites (logits)
 - index = -1, or the channel / token position / rank that the value belongs to (per-channel profiles,
           per-position curves, massive activations)

@@ -116,10 +116,13 @@ class Tap:
         sites = {"q": query, "k": key[:, :, -Tq:], "v": value[:, :, -Tq:], "attn_out": out}
         names = self.names
         rows = range(out.shape[0])
+        decode = self.records.context.phase == "decode"
         for site, t in sites.items():
             if self.mode == "propagated":
+                # A decode step's q, k, v are one token per head: per-head values there are noise, pooled ones are not.
+                per_head = not (decode and site in ("q", "k", "v"))
                 for r in rows[1:]:
-                    self._drift(layer, site, names[r], t[r], t[0])
+                    self._drift(layer, site, names[r], t[r], t[0], heads=per_head)
             if self._stats_now():
                 for r in self._first_rows() if self.mode == "propagated" else [0]:
                     # channel profiles of the reference row only: other rows see (nearly) the same q, k, v

@@ -1,0 +1,162 @@
+"""Reliability of real captures: SIGKILL at random moments, --resume, Ctrl-C, concurrent writers, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+from conftest import REPO, assert_one_line_error
+
+from driftscope import store
+
+# Three prompts of 24 tokens, one decode step, lockstep only: a few seconds of work after start-up.
+SMALL = ["--lengths", "24", "--prompts", "3", "--decode", "1", "--mode", "propagated", "--quiet", "--no-figures"]
+KILL_TRIALS = 20
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "driftscope.capture", *SMALL, "--out", str(out), *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    keys = ["prompt", "mode", "phase", "step", "layer", "site", "path", "metric", "head", "index"]
+    return df.sort_values(keys).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, smol_folder):
+    """An uninterrupted run, and how long it takes from start to finish."""
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    t0 = time.monotonic()
+    proc = _start(out)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    with store.open_run(out) as run:
+        return _sorted(run.metrics()), time.monotonic() - t0
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path, reference):
+    ref, duration = reference
+    rng = random.Random(0)
+    outcomes = []
+    for trial in range(KILL_TRIALS):
+        out = tmp_path / f"kill{trial}.h5"
+        proc = _start(out)
+        # Spread the kills over the whole run: start-up, mid-prompt, mid-commit, the last prompt.
+        time.sleep(duration * (0.25 + 0.85 * rng.random()))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not out.exists():  # killed before the writer started: nothing to check, nothing to resume
+            outcomes.append("before-start")
+            continue
+        with store.open_run(out) as run:
+            assert not run.finished and run.status in ("running", "interrupted")
+            prompts = run.prompts()
+            done = set(prompts[prompts["complete"]]["index"])
+            if done:
+                got = _sorted(run.metrics())
+                assert set(got["prompt"]) == done  # no rows of an unfinished prompt
+                assert got.equals(_sorted(ref[ref["prompt"].isin(done)]))  # every finished prompt intact
+        outcomes.append(f"{len(done)} done")
+        resumed = _start(out, "--resume")
+        _, err = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, err
+        with store.open_run(out) as run:
+            assert run.finished and run.status == "complete"
+            assert _sorted(run.metrics()).equals(ref)
+    assert sum(o != "before-start" for o in outcomes) >= KILL_TRIALS // 2, outcomes
+    assert len(set(outcomes)) >= 3, outcomes  # the kills did land at different points of the run
+
+
+def test_ctrl_c_marks_the_file_interrupted(tmp_path, reference):
+    out = tmp_path / "int.h5"
+    proc = _start(out)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until the first prompt is committed
+        time.sleep(0.2)
+        if out.exists():
+            try:
+                with store.open_run(out) as run:
+                    if len(run.prompts()) and run.prompts()["complete"].any():
+                        break
+            except store.RunFileError:
+                pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
+    with store.open_run(out) as run:
+        assert run.status == "interrupted" and not run.finished
+
+
+def test_second_capture_on_the_same_file_refuses(tmp_path, smol_folder):
+    out = tmp_path / "busy.h5"
+    first = _start(out)
+    deadline = time.monotonic() + 300
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run([sys.executable, "-m", "driftscope.capture", *SMALL, "--out", str(out), "--overwrite"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    first.communicate(timeout=600)
+    assert first.returncode == 0
+    assert_one_line_error(second, str(out))
+    with store.open_run(out) as run:
+        assert run.status == "complete"
+
+
+def test_unwritable_output_is_a_clear_error(run_cli, smol_folder):
+    proc = run_cli("capture", *SMALL, "--out", "/proc/driftscope-test.h5")
+    assert_one_line_error(proc, "/proc/driftscope-test.h5")
+
+
+def _needs_remote_code(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "driftscope-custom", "architectures": ["CustomForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                     "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
+    (folder / "configuration_custom.py").write_text("raise SystemExit('remote code must never run')\n")
+    return folder
+
+
+@pytest.mark.parametrize("module", ["capture", "evaluate"])
+def test_bad_input_on_model_clis(tmp_path, run_cli, smol_folder, module):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    custom = _needs_remote_code(tmp_path / "custom")
+    length_flag = "--lengths" if module == "capture" else "--contexts"
+    cases = [
+        (["--no-such-option"], "unrecognized arguments"),
+        (["--model", str(tmp_path / "missing-folder")], "missing-folder"),
+        (["--corpus", str(empty)], "empty"),
+        ([length_flag, "0"], "0"),
+        ([length_flag, "-5"], "-5"),
+        (["--model", str(custom)], "--trust-remote-code"),
+        (["--dtype", "float8"], "float8"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(run_cli(module, *args, "--out", str(tmp_path / "x.h5")), fragment)
+
+
+def test_bad_input_on_figures_and_bench(tmp_path, run_cli):
+    assert_one_line_error(run_cli("figures", str(tmp_path / "a.h5"), "--no-such-option"), "unrecognized arguments")
+    assert_one_line_error(run_cli("figures", str(tmp_path / "missing.h5")), "missing.h5")
+    junk = tmp_path / "junk.h5"
+    junk.write_text("not hdf5")
+    assert_one_line_error(run_cli("figures", str(junk), "--out", str(tmp_path / "f")), "junk.h5")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = [1, 2, 3]
+    assert_one_line_error(run_cli("figures", str(foreign), "--out", str(tmp_path / "f")), "foreign.h5")
+    assert_one_line_error(run_cli("bench", "--no-such-option"), "unrecognized arguments")
+    assert_one_line_error(run_cli("bench", "--prefill", "0"), "0")

@@ -71,25 +71,40 @@ def _round_out(out: torch.Tensor, dtype: torch.dtype, flavor: str) -> torch.Tens
 
 
 def sage_emulate(q, k, v, *, causal: bool, scale: float | None = None, smooth_k: bool = True,
-                 flavor: str = "kernel", pv_chunk: int | None = None, pad_keys: bool = True) -> torch.Tensor:
+                 flavor: str = "kernel", pv_chunk: int | None = None, pad_keys: bool = True,
+                 pv_accum: str = "fp16", out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """SageAttention 1.0.6 emulated: q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] (validated; causal needs Tq == Tk) -> [B,Hq,Tq,D].
 
     `causal` selects the kernel (decode must already be resolved to causal=False). `flavor` "kernel" (GPU rounding)
     or "interpret" (the Triton interpreter's); `pv_chunk` rounds the fp16 P.V accumulator every that many keys
     (None: once per 64-key block, as the interpreter); `pad_keys=False` drops the non-causal kernel's padded keys
-    (what the kernel presumably intends, not what it does).
+    (what the kernel presumably intends, not what it does). Diagnostic variants for the GPU comparison
+    (experiments/gpu_fidelity.py), off by default: `pv_accum="fp16-rz"` rounds the fp16 P.V accumulator toward zero
+    instead of to nearest, `pv_accum="fp32"` keeps P.V in fp32 (no fp16 rounding at all); `out_dtype` overrides
+    the output dtype (torch.float32: the value before the final cast).
     """
+    if pv_accum not in ("fp16", "fp16-rz", "fp32"):
+        raise ValueError(f"pv_accum must be 'fp16', 'fp16-rz' or 'fp32'; got {pv_accum!r}")
     prec = torch.get_float32_matmul_precision()
     if prec != "highest":  # TF32 would round fp16 P to 10 mantissa bits in P.V
         torch.set_float32_matmul_precision("highest")
     try:
-        return _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys)
+        return _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_accum, out_dtype)
     finally:
         if prec != "highest":
             torch.set_float32_matmul_precision(prec)
 
 
-def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys):
+def _to_fp16(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """fp32 -> fp16, to nearest even ("fp16") or toward zero ("fp16-rz")."""
+    r = x.to(torch.float16)
+    if mode == "fp16-rz":
+        over = (r.to(torch.float32).abs() > x.abs()) & (r != 0)  # rounded away from zero: one fp16 ulp back
+        r = torch.where(over, (r.view(torch.int16) - 1).view(torch.float16), r)
+    return r
+
+
+def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_accum="fp16", out_dtype=None):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -136,13 +151,15 @@ def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys):
         p = s.exp2_()
         l_blk = p.sum(dim=-1)  # [B,Hkv,nkb,G*R]
         p = p.to(torch.float16)
-        if pv_chunk is None:  # numpy's fp16 matmul (the interpreter): fp32 sum, one rounding
-            x = torch.matmul(p.to(torch.float32), v_blk[:, :, :nkb]).to(torch.float16)
+        if pv_accum == "fp32":  # diagnostic: no fp16 rounding of P.V
+            x = torch.matmul(p.to(torch.float32), v_blk[:, :, :nkb])
+        elif pv_chunk is None:  # numpy's fp16 matmul (the interpreter): fp32 sum, one rounding
+            x = _to_fp16(torch.matmul(p.to(torch.float32), v_blk[:, :, :nkb]), pv_accum)
         else:  # tensor cores: fp16 accumulator rounded every pv_chunk keys
             x = torch.zeros(B, Hkv, nkb, G * R, D, dtype=torch.float16, device=q.device)
             for c in range(0, BLOCK_K, pv_chunk):
                 part = torch.matmul(p[..., c:c + pv_chunk].to(torch.float32), v_blk[:, :, :nkb, c:c + pv_chunk])
-                x = (x.to(torch.float32) + part).to(torch.float16)
+                x = _to_fp16(x.to(torch.float32) + part, pv_accum)
         x = x.to(torch.float32)  # [B,Hkv,nkb,G*R,D]
         acc = x[:, :, 0]  # alpha_0 = 0: acc_0 = 0*0 + x_0
         l = l_blk[:, :, 0]  # l_0 = 1.0*0 + l_blk_0
@@ -150,7 +167,7 @@ def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys):
             acc = acc * alpha[:, :, j, :, None] + x[:, :, j]
             l = l * alpha[:, :, j] + l_blk[:, :, j]
         out[:, :, :, r0:r1] = (acc / l[..., None]).view(B, Hkv, G, R, D)
-    return _round_out(out.view(B, Hq, Tq, D), dtype, flavor)
+    return _round_out(out.view(B, Hq, Tq, D), dtype if out_dtype is None else out_dtype, flavor)
 
 
 # ---- the fidelity grid (tests/test_emulator_fidelity.py on the CPU, experiments/gpu_fidelity.py on a GPU) ----

@@ -148,6 +148,9 @@ def main(argv=None) -> int:
         r["fraction_of_dd_max"] = bt.ratio(r["bandwidth_MBps"], disk)
         r.update({f"fraction_of_dd_{k}": bt.ratio(r["bandwidth_MBps"], b) for k, b in dd_bw.items()})
         r["target_met"] = r["fraction_of_dd_max"] is not None and r["fraction_of_dd_max"] >= TARGET
+        for k in dd_bw:  # against each dd variant: page cache + fdatasync (as the writer) and O_DIRECT
+            f = r[f"fraction_of_dd_{k}"]
+            r[f"target_met_vs_dd_{k}"] = f is not None and f >= TARGET
     result = {
         "benchmark": "storage",
         "argv": ["python", "experiments/bench_storage.py", *(sys.argv[1:] if argv is None else argv)],
@@ -163,8 +166,8 @@ def main(argv=None) -> int:
     path = bt.write_json(result, out_dir / "bench_storage.json")
     plot(result, out_dir / "bench_storage.png")
     for comp, r in runs.items():
-        bt.log(f"{comp}: {100 * (r['fraction_of_dd_max'] or 0):.0f}% of dd ({disk:.0f} MB/s); target >= {TARGET:.0%}: "
-               f"{'met' if r['target_met'] else 'NOT met'}")
+        per = ", ".join(f"{100 * (r[f'fraction_of_dd_{k}'] or 0):.0f}% of dd {k}" for k in dd_bw)
+        bt.log(f"{comp}: {per}; target >= {TARGET:.0%} of the faster dd: {'met' if r['target_met'] else 'NOT met'}")
     bt.log(f"-> {path}")
     return 0
 

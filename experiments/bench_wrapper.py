@@ -31,7 +31,7 @@ TARGET = 1.05
 
 def cases(smoke: bool):
     if smoke:
-        return [("prefill", 128, 128), ("decode", 1, 256)]
+        return [("prefill", 64, 64), ("decode", 1, 128)]
     return ([("prefill", n, n) for n in (1024, 4096, 8192, 16384, 32768)]
             + [("decode", 1, n) for n in (1024, 4096, 16384, 32768)])
 

@@ -9,6 +9,14 @@
 """
 __version__ = "0.1.0"
 
+# setup.cfg installs the top-level hooks/ as driftscope.hooks. Run from a source checkout that is not installed
+# (PYTHONPATH=.), hooks/ sits beside this package: let the submodule import find it there too.
+import os as _os
+
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "hooks", "__init__.py")):
+    __path__.append(_checkout)
+
 _LAZY = {
     "capture": ("driftscope.engine", "capture"),
     "CaptureConfig": ("driftscope.config", "CaptureConfig"),

@@ -24,7 +24,7 @@ if ! "$PY" -c "import sageattention" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+# driftscope itself: installed, or this checkout (driftscope/__init__.py finds hooks/ beside it)
 export PYTHONUNBUFFERED=1
 
 run() {  # name, time limit (s), command...

@@ -59,6 +59,9 @@ def capture(config: CaptureConfig | None = None, *, out: str | Path | None = Non
     env = environment.describe(device)
     env["sage_impl"] = {fn.name: fn.impl for fn in path_fns}
     env["corpus"] = text.source
+    if getattr(model, "hf_device_map", None):  # --device-map: which device holds how many modules
+        placed = [str(d) for d in model.hf_device_map.values()]
+        env["device_map"] = {d: placed.count(d) for d in sorted(set(placed))}
     spec = StoreSpec(sites=config.store, layers=config.layers, heads=config.heads, tokens=config.tokens)
 
     out.parent.mkdir(parents=True, exist_ok=True)

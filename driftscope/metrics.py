@@ -23,17 +23,22 @@ def drift_sums(x_HxN: torch.Tensor, ref_HxN: torch.Tensor, chunk: int | None = N
     """The sufficient statistics of drift per head, float64 [7, heads]: sums of x*r, x^2, r^2, d^2, |d|, |r|,
     and max |d|. Sums over heads give the statistics of all heads together (see `pool`).
 
+    Elementwise work is float32 (products of half-precision values are exact there, and so is their
+    difference) and every sum accumulates in float64, so identical inputs give exactly d = 0 and x*r == x*x.
     `chunk` bounds memory for huge tensors (logits): the sums are accumulated over slices of dim 1.
     """
     x, r = x_HxN.reshape(x_HxN.shape[0], -1), ref_HxN.reshape(ref_HxN.shape[0], -1)
     n = x.shape[1]
     step = n if chunk is None else chunk
+    f64 = torch.float64
     sums = None
     for start in range(0, n, step):
-        xs, rs = x[:, start:start + step].to(torch.float64), r[:, start:start + step].to(torch.float64)
+        xs, rs = x[:, start:start + step].float(), r[:, start:start + step].float()
         d = xs - rs
-        part = torch.stack([(xs * rs).sum(1), xs.pow(2).sum(1), rs.pow(2).sum(1), d.pow(2).sum(1),
-                            d.abs().sum(1), rs.abs().sum(1), d.abs().amax(1)])
+        ad = d.abs()
+        part = torch.stack([(xs * rs).sum(1, dtype=f64), xs.square().sum(1, dtype=f64),
+                            rs.square().sum(1, dtype=f64), d.square().sum(1, dtype=f64), ad.sum(1, dtype=f64),
+                            rs.abs().sum(1, dtype=f64), ad.amax(1).to(f64)])
         sums = part if sums is None else torch.cat([sums[:6] + part[:6], torch.maximum(sums[6:], part[6:])])
     return sums
 
@@ -68,12 +73,12 @@ def rel_l2_by_position(x_HxTxD: torch.Tensor, ref_HxTxD: torch.Tensor, bins: int
     Returns (bin start positions [nbins] int64, rel-L2 [nbins] float64). Long contexts are binned so that
     a 32k-token curve stays a few hundred rows.
     """
-    x, r = x_HxTxD.to(torch.float64), ref_HxTxD.to(torch.float64)
+    x, r = x_HxTxD.float(), ref_HxTxD.float()
     T = x.shape[1]
     width = max(1, -(-T // bins))
     starts = torch.arange(0, T, width, device=x.device)
-    num = (x - r).pow(2).sum(dim=(0, 2))
-    den = r.pow(2).sum(dim=(0, 2))
+    num = (x - r).square().sum(dim=(0, 2), dtype=torch.float64)
+    den = r.square().sum(dim=(0, 2), dtype=torch.float64)
     pad = starts.numel() * width - T
     num = torch.nn.functional.pad(num, (0, pad)).view(-1, width).sum(1)
     den = torch.nn.functional.pad(den, (0, pad)).view(-1, width).sum(1)
@@ -88,18 +93,20 @@ def outliers(x_HxTxC: torch.Tensor) -> dict[str, torch.Tensor]:
     - kurtosis: of all values (Pearson, normal = 3)
     - frac_6sigma: fraction of values with |x - mean| > 6 std
     """
-    x = x_HxTxC.to(torch.float32)
-    ch = channel_absmax(x)
-    flat = x.reshape(x.shape[0], -1).to(torch.float64)
-    mean = flat.mean(1, keepdim=True)
-    centred = flat - mean
-    var = centred.pow(2).mean(1)
+    x = x_HxTxC.float().reshape(x_HxTxC.shape[0], -1)
+    f64 = torch.float64
+    n = x.shape[1]
+    ch = channel_absmax(x_HxTxC)
+    mean = x.sum(1, dtype=f64) / n
+    centred = x - mean.float()[:, None]  # float32; the moments below accumulate in float64
+    c2 = centred.square()
+    var = c2.sum(1, dtype=f64) / n
     std = var.sqrt()
     return {
-        "absmax": flat.abs().amax(1),
-        "channel_max_median": (ch.amax(1) / ch.median(1).values.clamp_min(torch.finfo(torch.float32).tiny)).to(torch.float64),
-        "kurtosis": centred.pow(4).mean(1) / var.pow(2).clamp_min(torch.finfo(torch.float64).tiny),
-        "frac_6sigma": (centred.abs() > 6 * std[:, None]).to(torch.float64).mean(1),
+        "absmax": x.abs().amax(1).to(f64),
+        "channel_max_median": (ch.amax(1) / ch.median(1).values.clamp_min(torch.finfo(torch.float32).tiny)).to(f64),
+        "kurtosis": (c2.square().sum(1, dtype=f64) / n) / var.square().clamp_min(torch.finfo(f64).tiny),
+        "frac_6sigma": (c2 > (36 * var).float()[:, None]).sum(1).to(f64) / n,
     }
 
 

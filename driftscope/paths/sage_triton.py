@@ -94,6 +94,13 @@ def sage_forward(q, k, v, *, causal: bool, scale: float | None, smooth_k: bool, 
     mode "kernel" wants CUDA tensors, "interpret" CPU tensors. `causal` must already be resolved (decode -> False).
     """
     fns = load(mode)
+    if q.is_cuda:  # Triton launches on the current device; under --device-map a layer may live on another GPU
+        with torch.cuda.device(q.device):
+            return _forward(fns, q, k, v, causal, scale, smooth_k)
+    return _forward(fns, q, k, v, causal, scale, smooth_k)
+
+
+def _forward(fns, q, k, v, causal, scale, smooth_k) -> torch.Tensor:
     dtype = q.dtype
     q = q.contiguous()
     k = k.clone(memory_format=torch.contiguous_format)  # the copy sageattn's in-place smoothing would otherwise hit

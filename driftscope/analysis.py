@@ -373,6 +373,13 @@ def bench_table(records: list[dict] | pd.DataFrame) -> pd.DataFrame:
     """Brings benchmark records to the contract of ``plots.throughput_memory``: columns path, context (tokens),
     phase (prefill | decode), tokens_per_s, peak_memory_gib, one row each (mean over repeats)."""
     t = pd.DataFrame(records)
+    # `python -m driftscope.bench` records: tokens (prompt or KV length) and peak_bytes; skipped rows have no speed
+    if "tokens" in t.columns and "context" not in t.columns:
+        t = t.rename(columns={"tokens": "context"})
+    if "peak_bytes" in t.columns and "peak_memory_gib" not in t.columns:
+        t["peak_memory_gib"] = t["peak_bytes"] / 2**30
+    if "tokens_per_s" in t.columns:
+        t = t[t["tokens_per_s"].notna()]
     missing = [c for c in BENCH_COLUMNS if c not in t.columns]
     if missing:
         raise AnalysisError(f"benchmark records lack the columns {missing}; they have {list(t.columns)}")

@@ -172,8 +172,9 @@ def evaluate_figure(run, out: Path, name: str, log=print) -> pd.DataFrame | None
     return data
 
 
-def read_bench(path: Path) -> list[dict]:
-    """Benchmark records from a JSON file: a list of records or an object with a "records" list."""
+def read_bench(path: Path) -> tuple[list[dict], str | None]:
+    """Benchmark records from a JSON file (a list of records or an object with a "records" list), and the
+    card they were measured on where the file says (`machine.device_name`)."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -181,21 +182,29 @@ def read_bench(path: Path) -> list[dict]:
     records = obj.get("records") if isinstance(obj, dict) else obj
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise FiguresError(f"{path} holds no benchmark records: expected a list of objects or {{\"records\": [...]}}")
-    return records
+    machine = obj.get("machine") if isinstance(obj, dict) else None
+    return records, machine.get("device_name") if isinstance(machine, dict) else None
 
 
 def bench_figure(path: Path, out: Path, name: str, log=print) -> pd.DataFrame | None:
     from . import analysis, plots
 
-    try:
-        data = analysis.bench_table(read_bench(path))
-    except analysis.AnalysisError as e:
-        log(f"  skipped {name}/throughput: {e}")
-        return None
-    plots.throughput_memory(data, out / name / "throughput")
-    write_csv(data, out / "data" / name / "throughput.csv")
-    log(f"  {out / name / 'throughput'}.png/.pdf")
-    return data
+    records, card = read_bench(path)
+    models = sorted({str(r["model"]) for r in records if "model" in r}) or [None]
+    tables = []
+    for model in models:  # one figure per benchmarked model
+        stem = "throughput" if model is None else f"throughput-{model}"
+        try:
+            data = analysis.bench_table([r for r in records if model is None or r.get("model") == model])
+        except analysis.AnalysisError as e:
+            log(f"  skipped {name}/{stem}: {e}")
+            continue
+        data.attrs.update(model=model, device=card)
+        plots.throughput_memory(data, out / name / stem)
+        write_csv(data, out / "data" / name / f"{stem}.csv")
+        log(f"  {out / name / stem}.png/.pdf")
+        tables.append(data.assign(model=model))
+    return pd.concat(tables, ignore_index=True) if tables else None
 
 
 # -- everything ----------------------------------------------------------------------------------------

@@ -269,7 +269,11 @@ def write_all(tables: Path, out: Path, captures: list[dict], results: dict, name
     bench = next((n for n in names if "throughput" in results.get(n, {})), None)
     text += switch("dsHavePerplexity", ppl is not None)
     text += switch("dsHaveBench", bench is not None)
-    for key, name, fig in (("dsPerplexityFig", ppl, "perplexity"), ("dsBenchFig", bench, "throughput")):
+    bench_fig = "throughput"
+    if bench is not None and "model" in results[bench]["throughput"]:  # one figure per benchmarked model
+        model = results[bench]["throughput"]["model"].dropna()
+        bench_fig = f"throughput-{model.iloc[0]}" if len(model) else bench_fig
+    for key, name, fig in (("dsPerplexityFig", ppl, "perplexity"), ("dsBenchFig", bench, bench_fig)):
         path = Path(os.path.relpath((out / name / fig).resolve(), paper_dir)).as_posix() if name else ""
         text += macro(key, path)
     text += macro("dsRunCount", num(len(captures)))

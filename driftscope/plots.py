@@ -338,6 +338,10 @@ def massive_activations(df: pd.DataFrame, save_to=None, path: str | None = None,
 
 # -- evaluate and bench --------------------------------------------------------------------------------
 
+LOGIT_LABELS = {"kl_mean": "mean KL(base ‖ 8-bit) (nats per token)", "kl_max": "max KL(base ‖ 8-bit) (nats)",
+                "top1_agree": "top-1 agreement (fraction)", "max_abs_dlogit": "max |Δ logit|"}
+
+
 @styled
 def perplexity_logits(df: pd.DataFrame, save_to=None, reference: str | None = None, close: bool = True) -> plt.Figure:
     """Perplexity and logit deltas against context length.
@@ -351,8 +355,13 @@ def perplexity_logits(df: pd.DataFrame, save_to=None, reference: str | None = No
     others = [m for m in dict.fromkeys(df["metric"]) if m != "perplexity"][:3]
     has_ppl = (df["metric"] == "perplexity").any()
     n = (2 if has_ppl else 0) + len(others)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False, constrained_layout=True)
-    axes = list(axes[0])
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, constrained_layout=True)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.remove()
+    axes = axes[:n]
     paths = list(dict.fromkeys(df["path"]))
     if has_ppl:
         ppl = df[df["metric"] == "perplexity"].pivot(index="context", columns="path", values="value")
@@ -376,8 +385,9 @@ def perplexity_logits(df: pd.DataFrame, save_to=None, reference: str | None = No
             t = s[s["path"] == p].sort_values("context")
             if not t.empty:
                 ax.plot(t["context"], t["value"], "-o", ms=3, color=path_color(p), label=p)
-        ax.set_ylabel(m.replace("_", " "))
-        ax.set_title(f"{m.replace('_', ' ')} vs {reference}")
+        label = LOGIT_LABELS.get(m, m.replace("_", " "))
+        ax.set_ylabel(label)
+        ax.set_title(f"{label.split(' (')[0]} vs {reference}")
         ax.legend()
     for ax in fig.axes:
         ax.set_xscale("log", base=2)

@@ -46,6 +46,17 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int | None], argv: Seq
         return EXIT_BAD_INPUT
 
 
+def add_model_options(p: argparse.ArgumentParser, defaults, seed_help: str) -> None:
+    """The options every command that loads a model shares: corpus, device, dtype, device map, seed, remote code."""
+    p.add_argument("--corpus", default=None, help="a UTF-8 text file (default: the embedded Wikipedia extract)")
+    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default=defaults.dtype,
+                   help="auto (fp16 on CUDA, bf16 on the CPU), float16, bfloat16, float32")
+    p.add_argument("--device-map", default=None, help="e.g. auto: spread the model over several GPUs (accelerate)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=seed_help)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modeling code")
+
+
 def comma_list(kind: Callable = str) -> Callable[[str], tuple]:
     """An argparse type for comma-separated values, e.g. `fp16,sage8` or `256,1024`."""
 

@@ -46,12 +46,7 @@ def build_parser() -> cli.Parser:
                    f"{d.generate[0]},{d.generate[1]})")
     p.add_argument("--prompt-length", type=int, default=d.prompt_length,
                    help=f"tokens of each generation prompt (default {d.prompt_length})")
-    p.add_argument("--corpus", default=None, help="a UTF-8 text file (default: the embedded Wikipedia extract)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--dtype", default=d.dtype, help="auto (fp16 on CUDA, bf16 on the CPU), float16, bfloat16, float32")
-    p.add_argument("--device-map", default=None, help="e.g. auto: spread the model over several GPUs (accelerate)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds the bootstrap and the generation prompts (default 0)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own modeling code")
+    cli.add_model_options(p, d, seed_help="seeds the bootstrap and the generation prompts (default 0)")
     p.add_argument("--out", default=None, help="run file (default runs/<model>-evaluate-<flag>.h5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -12,6 +12,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Without CUDA the sage kernels can only run under Triton's interpreter, which must be chosen before anything
+# imports triton (torch's profiler does): set it for the whole test session, as a user would in the shell.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def smol():

@@ -73,6 +73,15 @@ def load(mode: str) -> SimpleNamespace:
             f"the 'interpret' implementation needs triton >= 3.9 (found {triton.__version__}); "
             "triton 3.6's interpreter fails on SageAttention's kernels")
     from sageattention import attn_qk_int8_per_block as nc
+    import triton.language as tl
+
+    # triton's own @jit helpers (tl.max, ...) were decorated when triton was first imported: if that happened
+    # before TRITON_INTERPRET was set (torch's profiler or inductor import triton), they stay compiled.
+    if want_interp and not _is_interpreted(tl.max):
+        raise SageModeError(
+            "triton was imported before TRITON_INTERPRET=1 was set in this process, so its own library functions "
+            "are compiled and the 'interpret' implementation cannot run; set TRITON_INTERPRET=1 in the environment "
+            "before starting Python")
     is_interp = _is_interpreted(nc._attn_fwd)
     if is_interp != want_interp:
         have = "interpreted (TRITON_INTERPRET=1)" if is_interp else "compiled"

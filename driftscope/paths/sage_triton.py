@@ -73,6 +73,12 @@ def load(mode: str) -> SimpleNamespace:
             f"the 'interpret' implementation needs triton >= 3.9 (found {triton.__version__}); "
             "triton 3.6's interpreter fails on SageAttention's kernels")
     from sageattention import attn_qk_int8_per_block as nc
+    is_interp = _is_interpreted(nc._attn_fwd)
+    if is_interp != want_interp:
+        have = "interpreted (TRITON_INTERPRET=1)" if is_interp else "compiled"
+        raise SageModeError(
+            f"sageattention was already imported {have} in this process, so the {mode!r} implementation cannot run "
+            "here; use one mode per process (run the other in a subprocess with TRITON_INTERPRET set accordingly)")
     import triton.language as tl
 
     # triton's own @jit helpers (tl.max, ...) were decorated when triton was first imported: if that happened
@@ -82,12 +88,6 @@ def load(mode: str) -> SimpleNamespace:
             "triton was imported before TRITON_INTERPRET=1 was set in this process, so its own library functions "
             "are compiled and the 'interpret' implementation cannot run; set TRITON_INTERPRET=1 in the environment "
             "before starting Python")
-    is_interp = _is_interpreted(nc._attn_fwd)
-    if is_interp != want_interp:
-        have = "interpreted (TRITON_INTERPRET=1)" if is_interp else "compiled"
-        raise SageModeError(
-            f"sageattention was already imported {have} in this process, so the {mode!r} implementation cannot run "
-            "here; use one mode per process (run the other in a subprocess with TRITON_INTERPRET set accordingly)")
     ns = SimpleNamespace(
         per_block_int8=core.per_block_int8, per_block_int8_hd96=core.per_block_int8_hd96,
         attn_false=core.attn_false, attn_true=core.attn_true,

@@ -21,8 +21,6 @@ def build_parser() -> cli.Parser:
     p = cli.parser("driftscope capture", "Capture per-layer, per-head drift of 8-bit attention against a "
                    "reference path, in lockstep (propagated) and isolated mode, prefill and decode.", EXAMPLES)
     d = CaptureConfig()
-    p.add_argument("--model", default=d.model, help="embedded 'smollm2-135m' (default), an alias such as "
-                   "llama3-8b, a hub id or a local checkpoint folder")
     p.add_argument("--paths", type=cli.comma_list(), default=d.paths,
                    help=f"comma list, the first is the reference; from {', '.join(PATH_NAMES)} (default fp16,sage8)")
     p.add_argument("--sage-impl", default=d.sage_impl, choices=SAGE_IMPLS,

@@ -47,7 +47,10 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int | None], argv: Seq
 
 
 def add_model_options(p: argparse.ArgumentParser, defaults, seed_help: str) -> None:
-    """The options every command that loads a model shares: corpus, device, dtype, device map, seed, remote code."""
+    """The options every command that loads a model shares: model, corpus, device, dtype, device map, seed,
+    remote code."""
+    p.add_argument("--model", default=defaults.model, help="embedded 'smollm2-135m' (default), an alias such as "
+                   "llama3-8b, a hub id or a local checkpoint folder")
     p.add_argument("--corpus", default=None, help="a UTF-8 text file (default: the embedded Wikipedia extract)")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default=defaults.dtype,

@@ -30,8 +30,6 @@ def build_parser() -> cli.Parser:
     p = cli.parser("driftscope evaluate", "Compare perplexity, logits (KL, top-1) and greedy generations of "
                    "8-bit attention (sage8) against the model's own SDPA baseline.", EXAMPLES)
     d = EvaluateConfig()
-    p.add_argument("--model", default=d.model, help="embedded 'smollm2-135m' (default), an alias such as "
-                   "llama3-8b, a hub id or a local checkpoint folder")
     p.add_argument("--quant-attention", "--quant_attention", dest="quant_attention", default=d.quant_attention,
                    choices=QUANT_ATTENTION, help="8bit: compare attn_implementation sage8 against SDPA; "
                    "off (default): SDPA on both sides, every delta exactly 0")

@@ -1,7 +1,7 @@
 """`python -m driftscope.bench`: prefill and decode tokens/s and peak memory of fp16 (SDPA) vs sage8 (kernel).
 
 Writes `bench_throughput.json` (records, ratios measured in this run, card, versions, argv) and
-`bench_throughput.png` into --out-dir. The library is `driftscope.benchmarks`.
+`bench_throughput.png` into --out-dir. The library is `driftscope.run.throughput`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import cli
+from driftscope import cli
 
 EXAMPLES = """\
   python -m driftscope.bench                                    # Llama-3-8B shape + embedded model, CUDA (~4 min on an H100)
@@ -22,7 +22,7 @@ SMOKE = dict(models=("tiny-llama",), prefill=(64, 128), decode=(64,), decode_ste
 
 
 def build_parser() -> cli.Parser:
-    from .benchmarks import DECODE_LENGTHS, MODELS, PREFILL_LENGTHS, ThroughputConfig
+    from driftscope.run.throughput import DECODE_LENGTHS, MODELS, PREFILL_LENGTHS, ThroughputConfig
 
     d = ThroughputConfig()
     p = cli.parser("driftscope bench", "Measure prefill and decode tokens/s and peak GPU memory per attention "
@@ -52,9 +52,9 @@ def build_parser() -> cli.Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import benchtools as bt
-    from .benchmarks import ThroughputConfig, plot_throughput, run_throughput
-    from .errors import ConfigError
+    from driftscope.errors import ConfigError
+    from driftscope.run import benchkit as bt
+    from driftscope.run.throughput import ThroughputConfig, plot_throughput, run_throughput
 
     cpu = args.device == "cpu"
     if cpu and not args.smoke:

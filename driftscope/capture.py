@@ -4,9 +4,9 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from . import cli
-from .config import STORE_SITES, CaptureConfig
-from .paths import PATH_NAMES, SAGE_IMPLS
+from driftscope import cli
+from driftscope.config import STORE_SITES, CaptureConfig
+from driftscope.paths import PATH_NAMES, SAGE_IMPLS
 
 EXAMPLES = """\
   python -m driftscope.capture                                  # embedded SmolLM2-135M on the CPU (~2 min)
@@ -55,20 +55,22 @@ def config_from_args(args) -> CaptureConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    from . import engine, store, summary
+    from driftscope import store
+    from driftscope.report import text
+    from driftscope.run.capture import run_capture
 
-    out = engine.capture(config, out=args.out, overwrite=args.overwrite, resume=args.resume,
+    out = run_capture(config, out=args.out, overwrite=args.overwrite, resume=args.resume,
                          argv=["python", "-m", "driftscope.capture", *(sys.argv[1:] if argv is None else argv)],
                          progress=not args.quiet)
     with store.open_run(out) as run:
         df = run.metrics()
     print(f"\nWorst head per layer, attention output vs {config.paths[0]} "
           f"(cos: min cosine, relL2: max relative L2):")
-    print(summary.layer_summary(df).pipe(summary.format_layer_summary))
+    print(text.layer_summary(df).pipe(text.format_layer_summary))
     if not args.no_figures:
-        from . import figures
+        from driftscope.report.figures import quick_figures
 
-        written = figures.quick_figures(df, out.with_suffix(""))
+        written = quick_figures(df, out.with_suffix(""))
         if written:
             print(f"\nfigures: {written[0].parent}/")
     print(f"\nrun file: {out}")

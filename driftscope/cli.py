@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from .errors import DriftscopeError
+from driftscope.errors import DriftscopeError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -27,7 +27,7 @@ def parser(prog: str, description: str, examples: str) -> Parser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from . import paths, store
+    from driftscope import paths, store
 
     return (DriftscopeError, paths.PathError, store.StoreError, store.RunFileError, FileNotFoundError)
 

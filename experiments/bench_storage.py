@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from driftscope import benchtools as bt  # noqa: E402
+from driftscope.run import benchkit as bt  # noqa: E402
 from driftscope import store  # noqa: E402
 
 TARGET = 0.50

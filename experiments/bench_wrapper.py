@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from driftscope import benchtools as bt  # noqa: E402
+from driftscope.run import benchkit as bt  # noqa: E402
 from driftscope import paths  # noqa: E402
 
 TARGET = 1.05

@@ -314,20 +314,10 @@ def make_kernel(impl):
         return lambda q, k, v, causal, smooth_k, out_dtype: emu.sage_emulate(
             q, k, v, causal=causal, smooth_k=smooth_k, out_dtype=out_dtype)
     from driftscope.paths import sage_triton
-    fns = sage_triton.load("kernel")
 
     def kernel(q, k, v, causal, smooth_k, out_dtype):
-        q, k = q.contiguous(), k.clone(memory_format=torch.contiguous_format)
-        if smooth_k:
-            k -= k.mean(dim=2, keepdim=True)
-        v = v.contiguous() if v.dtype == torch.float16 else v.to(torch.float16)
-        if q.size(-1) == 96:
-            q8, qs, k8, ks = fns.per_block_int8_hd96(q, k, sm_scale=None, tensor_layout="HND")
-            attn = fns.attn_h96_true if causal else fns.attn_h96_false
-        else:
-            q8, qs, k8, ks = fns.per_block_int8(q, k, sm_scale=None, tensor_layout="HND")
-            attn = fns.attn_true if causal else fns.attn_false
-        return attn(q8, k8, v, qs, ks, tensor_layout="HND", output_dtype=out_dtype)
+        return sage_triton.sage_forward(q, k, v, causal=causal, scale=None, smooth_k=smooth_k, mode="kernel",
+                                        out_dtype=out_dtype)
     return kernel
 
 

@@ -18,6 +18,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# `pytest -m "not slow"` is the suite a developer runs every few minutes. Slow: whatever loads the embedded model,
+# spawns a CLI, executes notebooks, kills processes or runs TeX (these fixtures and modules, and tests marked slow).
+SLOW_FIXTURES = {"smol", "smol_folder", "run_cli"}
+SLOW_MODULES = {"test_notebooks", "test_reliability", "test_store_crash", "test_committed_results"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smol():
     """(model, tokenizer, info) of the embedded SmolLM2-135M, bf16 on the CPU."""

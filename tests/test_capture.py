@@ -8,19 +8,22 @@ import torch
 from conftest import assert_one_line_error, save_tiny_llama
 from transformers import AttentionInterface
 
-from driftscope import engine, paths, store
+from driftscope import paths, store
 from driftscope.config import CaptureConfig
-from driftscope.hooks.attention import register
-from driftscope.hooks.capture import Tap, decoder_layers, instrumented, run_prompt
-from driftscope.metrics import DRIFT_METRICS
-from driftscope.records import Context, Records
+from driftscope.hooks import decode
+from driftscope.hooks.attention import attention_implementation, registered
+from driftscope.hooks.layers import decoder_layers
+from driftscope.run.capture import run_capture
+from driftscope.run.tap import Tap, run_prompt
+from driftscope.measure.drift import DRIFT_METRICS
+from driftscope.measure.records import Context, Records
 
 SITES = {"q", "k", "v", "attn_out", "resid", "logits"}
 
 
 def _capture(tmp_path, name, **kw):
     config = CaptureConfig(**{"lengths": (48,), "prompts": 1, "decode": 2, **kw})
-    out = engine.capture(config, out=tmp_path / f"{name}.h5", progress=False, argv=["test"])
+    out = run_capture(config, out=tmp_path / f"{name}.h5", progress=False, argv=["test"])
     with store.open_run(out) as run:
         return run.metrics(), run
 
@@ -90,8 +93,7 @@ def test_exception_inside_capture_leaves_nothing_behind(smol):
                 raise KeyboardInterrupt
             tap.attention = interrupt
         with pytest.raises(exc):
-            with instrumented(model, tap):
-                run_prompt(model, torch.arange(8), tap, decode=0)
+            run_prompt(model, torch.arange(8), tap, decode_steps=0)
         assert model.config._attn_implementation == original
         assert dict(AttentionInterface._global_mapping) == before
         assert all(not m._forward_hooks for m in model.modules())
@@ -101,20 +103,13 @@ def test_exception_inside_capture_leaves_nothing_behind(smol):
 def test_sage_forward_never_touches_the_kv_cache(smol):
     """Layer 0's cached keys do not depend on the attention path: the kernel's in-place smoothing must not reach them."""
     model, _tok, _info = smol
-    register()
     ids = torch.arange(100, 164)[None]
-    original = model.config._attn_implementation
     with torch.inference_mode():
-        ref = model(ids, use_cache=True).past_key_values
-        try:
-            model.set_attn_implementation("sage8")
-            out = model(ids, use_cache=True)
-            sage = out.past_key_values
+        _, ref = decode.forward(model, ids)
+        with registered(), attention_implementation(model, "sage8"):
+            logits, sage = decode.forward(model, ids)
             # a decode step too: the cache it appends to must stay exact
-            step = out.logits[:, -1].argmax(-1, keepdim=True)
-            sage = model(step, past_key_values=sage, use_cache=True).past_key_values
-        finally:
-            model.set_attn_implementation(original)
+            _, sage = decode.forward(model, logits[:, -1].argmax(-1, keepdim=True), sage)
     k_ref, k_sage = ref.layers[0].keys, sage.layers[0].keys
     assert torch.equal(k_sage[:, :, : k_ref.shape[2]], k_ref)
 
@@ -123,8 +118,7 @@ def test_run_file_round_trip_gives_the_same_metrics(tmp_path, smol):
     model, _tok, info = smol
     records = Records(context=Context(prompt=0, length=40))
     tap = Tap([paths.get_path("fp16"), paths.get_path("sage8")], "propagated", records)
-    with instrumented(model, tap):
-        run_prompt(model, torch.arange(200, 240), tap, decode=1)
+    run_prompt(model, torch.arange(200, 240), tap, decode_steps=1)
     columns = records.columns()
     with store.RunWriter(tmp_path / "rt.h5", kind="capture", argv=["test"], config={}, environment={}) as w:
         w.set_model(info.as_dict())

@@ -21,7 +21,7 @@ def readme_figures_command() -> list[str]:
 
 
 def test_figures_regenerate_from_committed_runs(tmp_path):
-    from driftscope import figures
+    from driftscope.report import figures
 
     args = readme_figures_command()
     inputs = [a for a in args if not a.startswith("--") and a.startswith("experiments/")]

@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import assert_one_line_error
 
-from driftscope import cli, evaluation, store
+from driftscope import cli, store
+from driftscope.run import evaluate as evaluation
 from driftscope.config import EvaluateConfig
 from driftscope.errors import ConfigError
 from driftscope.evaluate import build_parser, main
-from driftscope.evaluation_report import format_generations, format_summary
-from driftscope.logit_metrics import bootstrap_ppl_delta, first_divergence, logit_drift, token_nll
+from driftscope.report.text import format_generations, format_summary
+from driftscope.measure.logits import bootstrap_ppl_delta, first_divergence, logit_drift, token_nll
 
 SMALL = dict(contexts=(32, 64), windows=2, generate=(2, 4), prompt_length=16, bootstrap=200)
 PROG = "driftscope evaluate"
@@ -36,7 +37,7 @@ def _tables(path) -> dict[str, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def off_run(tmp_path_factory, smol):
-    out = evaluation.evaluate(EvaluateConfig(quant_attention="off", **SMALL), loaded=smol, progress=False,
+    out = evaluation.run_evaluate(EvaluateConfig(quant_attention="off", **SMALL), loaded=smol, progress=False,
                               out=tmp_path_factory.mktemp("off") / "off.h5", argv=["test"])
     return out, _tables(out)
 

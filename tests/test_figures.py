@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from driftscope import analysis, figures, plots
+from driftscope.report import figures, plots
+from driftscope.report import tables as analysis
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,13 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def run_file(tmp_path_factory) -> Path:
     """The embedded model at 64 tokens, one prompt, one decode step, all four paths, K tensors stored."""
-    from driftscope import engine
+    from driftscope.run.capture import run_capture
     from driftscope.config import CaptureConfig
 
     out = tmp_path_factory.mktemp("run") / "tiny.h5"
     config = CaptureConfig(paths=("fp32", "fp16", "sage8", "sage8-nosmooth"), lengths=(64,), prompts=1, decode=1,
                            store=("k",))
-    return engine.capture(config, out=out, progress=False, argv=["python", "-m", "driftscope.capture", "--tiny"])
+    return run_capture(config, out=out, progress=False, argv=["python", "-m", "driftscope.capture", "--tiny"])
 
 
 @pytest.fixture(scope="session")

@@ -41,9 +41,20 @@ def read_everything(path):
 
 
 def test_real_file_reads(tmp_path, real):
+    """The undamaged file reads back exactly what the writer wrote (the baseline the damage tests start from)."""
     p = tmp_path / "r.h5"
     p.write_bytes(real)
     read_everything(p)
+    with store.open_run(p) as run:
+        assert run.status == "complete" and run.kind == "capture" and run.config == {"seed": 0}
+        assert run.model["name"] == "tiny" and list(run.prompts()["index"]) == [0, 1]
+        assert np.array_equal(run.prompt_tokens(1), np.arange(32) + 1)
+        metrics = run.table("metrics")
+        assert len(metrics) == 6000
+        for i in range(2):
+            rows = metrics[metrics["prompt"] == i]
+            assert np.array_equal(rows["value"].to_numpy(), np.random.default_rng(i).standard_normal(3000))
+            assert np.array_equal(run.activations(prompt=i, layer=0, path="sage8", site="q"), np.ones((3, 32, 8)) * i)
 
 
 @pytest.mark.parametrize("case,match", [

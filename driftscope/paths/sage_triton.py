@@ -97,19 +97,21 @@ def load(mode: str) -> SimpleNamespace:
     return ns
 
 
-def sage_forward(q, k, v, *, causal: bool, scale: float | None, smooth_k: bool, mode: str) -> torch.Tensor:
+def sage_forward(q, k, v, *, causal: bool, scale: float | None, smooth_k: bool, mode: str,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """SageAttention 1.0.6 on validated HND inputs q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; never modifies its inputs.
 
     mode "kernel" wants CUDA tensors, "interpret" CPU tensors. `causal` must already be resolved (decode -> False).
+    `out_dtype` (default q's) is the kernel's own output cast: float32 shows its accumulator before rounding.
     """
     fns = load(mode)
     if q.is_cuda:  # Triton launches on the current device; under --device-map a layer may live on another GPU
         with torch.cuda.device(q.device):
-            return _forward(fns, q, k, v, causal, scale, smooth_k)
-    return _forward(fns, q, k, v, causal, scale, smooth_k)
+            return _forward(fns, q, k, v, causal, scale, smooth_k, out_dtype or q.dtype)
+    return _forward(fns, q, k, v, causal, scale, smooth_k, out_dtype or q.dtype)
 
 
-def _forward(fns, q, k, v, causal, scale, smooth_k) -> torch.Tensor:
+def _forward(fns, q, k, v, causal, scale, smooth_k, out_dtype) -> torch.Tensor:
     dtype = q.dtype
     q = q.contiguous()
     k = k.clone(memory_format=torch.contiguous_format)  # the copy sageattn's in-place smoothing would otherwise hit
@@ -127,7 +129,7 @@ def _forward(fns, q, k, v, causal, scale, smooth_k) -> torch.Tensor:
         attn = fns.attn_true if causal else fns.attn_false
     if causal and not q.is_cuda:
         ks = _with_zero_slack(ks)
-    return attn(q8, k8, v, qs, ks, tensor_layout="HND", output_dtype=dtype)
+    return attn(q8, k8, v, qs, ks, tensor_layout="HND", output_dtype=out_dtype)
 
 
 def _with_zero_slack(scales: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@
     ds.plots.drift_heatmap(df, save_to="figures/heatmap")     # writes heatmap.png and heatmap.pdf
 
 Each function returns the matplotlib Figure; with ``save_to`` (a path without extension) it also writes PNG
-and PDF. The numbers come from ``driftscope.analysis`` (the same tables ``python -m driftscope.figures``
+and PDF. The numbers come from ``driftscope.report.tables`` (the same tables ``python -m driftscope.figures``
 writes as CSV digests). Titles name the model (``df.attrs["model"]`` when set), mode, phase, reference and
 context length. The style is set in one place (``RC`` and ``PATH_COLORS``) and applied per figure, so calling
 these functions never changes matplotlib's global state.
@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 
-from driftscope import analysis  # noqa: E402
+from driftscope.report import tables  # noqa: E402
 
 RC = {
     **sns.axes_style("whitegrid"),
@@ -111,9 +111,9 @@ def drift_heatmap(df: pd.DataFrame, save_to=None, metric: str = "rel_l2", mode: 
     """Layer × head heatmap of each compared path's drift at ``site`` (default: attention output, isolated
     mode, so each cell is that head's own kernel error). One panel per path, one shared colour scale (log
     when the values span more than a decade), the worst head of each path outlined."""
-    mode = analysis.available_mode(df, site, mode)
-    data = analysis.head_drift(df, metric, mode, phase, site, length)
-    paths = [p for p in analysis.compared_paths(df) if p in set(data["path"])]
+    mode = tables.available_mode(df, site, mode)
+    data = tables.head_drift(df, metric, mode, phase, site, length)
+    paths = [p for p in tables.compared_paths(df) if p in set(data["path"])]
     v = data["value"].to_numpy()
     pos = v[v > 0]
     better_low = metric != "cosine"
@@ -139,8 +139,8 @@ def drift_heatmap(df: pd.DataFrame, save_to=None, metric: str = "rel_l2", mode: 
         ax.grid(False)
     axes[0][0].set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), label=f"{site} {METRIC_LABELS.get(metric, metric)}", shrink=0.9)
-    ref = analysis.reference(df)
-    length = length or analysis.longest(df)
+    ref = tables.reference(df)
+    length = length or tables.longest(df)
     _suptitle(fig, df, f"Per-head drift of the attention output vs {ref}",
               f"{mode} mode, {phase}, {length}-token prompts (mean over prompts)")
     return _finish(fig, save_to, close)
@@ -152,8 +152,8 @@ def drift_through_depth(df: pd.DataFrame, save_to=None, mode: str = "propagated"
     """How drift accumulates through the model: residual-stream 1 − cosine and relative L2 after each decoder
     layer (propagated mode: every path runs end to end), prefill (solid) vs decode (dashed), and the logits
     at the right end."""
-    data = analysis.depth_drift(df, mode, length)
-    paths = [p for p in analysis.compared_paths(df) if p in set(data["path"])]
+    data = tables.depth_drift(df, mode, length)
+    paths = [p for p in tables.compared_paths(df) if p in set(data["path"])]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     n_layers = int(data["layer"].max())
     for ax, metric in zip(axes, ("one_minus_cosine", "rel_l2")):
@@ -176,8 +176,8 @@ def drift_through_depth(df: pd.DataFrame, save_to=None, mode: str = "propagated"
     axes[0].set_title("direction (1 − cosine)")
     axes[1].set_title("magnitude of the error (relative L2)")
     fig.legend(*axes[1].get_legend_handles_labels(), title="path, phase", loc="outside right center")
-    ref = analysis.reference(df)
-    length = length or analysis.longest(df)
+    ref = tables.reference(df)
+    length = length or tables.longest(df)
     _suptitle(fig, df, f"Drift through depth vs {ref}",
               f"{mode} mode, {length}-token prompts; decode = mean over greedy steps (teacher-forced)")
     return _finish(fig, save_to, close)
@@ -187,10 +187,10 @@ def drift_through_depth(df: pd.DataFrame, save_to=None, mode: str = "propagated"
 def drift_vs_position(df: pd.DataFrame, save_to=None, length: int | None = None, close: bool = True) -> plt.Figure:
     """Relative L2 against token position at the longest context: the attention output (median and max over
     layers, isolated mode if captured) and the last layer's residual stream (propagated)."""
-    data = analysis.position_summary(df, length)
+    data = tables.position_summary(df, length)
     sites = [s for s in ("attn_out", "resid") if (data["site"] == s).any()]
     fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 3.8), squeeze=False, constrained_layout=True)
-    paths = [p for p in analysis.compared_paths(df) if p in set(data["path"])]
+    paths = [p for p in tables.compared_paths(df) if p in set(data["path"])]
     for ax, site in zip(axes[0], sites):
         d = data[data["site"] == site]
         for (layers, path), s in d.groupby(["layers", "path"], sort=False):
@@ -209,8 +209,8 @@ def drift_vs_position(df: pd.DataFrame, save_to=None, length: int | None = None,
     handles += [plt.Line2D([], [], color="0.3", ls="-", label="attention output:\nmedian over layers"),
                 plt.Line2D([], [], color="0.3", ls=":", label="attention output:\nmax over layers")]
     fig.legend(handles=handles, loc="outside right center")
-    length = length or analysis.longest(df)
-    _suptitle(fig, df, f"Drift vs token position vs {analysis.reference(df)}",
+    length = length or tables.longest(df)
+    _suptitle(fig, df, f"Drift vs token position vs {tables.reference(df)}",
               f"prefill, {length}-token prompts (mean over prompts)")
     return _finish(fig, save_to, close)
 
@@ -222,8 +222,8 @@ def smoothing_effect(df: pd.DataFrame, save_to=None, length: int | None = None, 
     """What smoothing K does: (a) per (layer, KV head), K's channel bias vs the factor by which smoothing
     lowers the INT8 error of Q K^T; (b) that error per layer with and without smoothing; (c) the attention
     output's rel-L2 of sage8 vs sage8-nosmooth per layer (when both were captured)."""
-    table = analysis.smoothing_table(df, length)
-    layers = analysis.smoothing_by_layer(df, length)
+    table = tables.smoothing_table(df, length)
+    layers = tables.smoothing_by_layer(df, length)
     has_attn = (layers["quantity"] == "attn_out_rel_l2").any()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
     ax = axes[0]
@@ -240,9 +240,9 @@ def smoothing_effect(df: pd.DataFrame, save_to=None, length: int | None = None, 
         (axes[2], "attn_out_rel_l2", "(c) attention-output error", "attention output relative L2 vs reference"),
     ):
         d = layers[layers["quantity"] == quantity]
-        for variant in (analysis.SAGE, analysis.NOSMOOTH):
+        for variant in (tables.SAGE, tables.NOSMOOTH):
             s = d[d["variant"] == variant].sort_values("layer")
-            label = f"{variant} ({'smoothed K' if variant == analysis.SAGE else 'no smoothing'})"
+            label = f"{variant} ({'smoothed K' if variant == tables.SAGE else 'no smoothing'})"
             ax.plot(s["layer"], s["value"], "-o", ms=3, color=path_color(variant), label=label)
         if d.empty:
             ax.text(0.5, 0.5, "not in this run:\ncapture both sage8 and sage8-nosmooth", ha="center",
@@ -253,11 +253,11 @@ def smoothing_effect(df: pd.DataFrame, save_to=None, length: int | None = None, 
         ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-    mode = analysis.available_mode(df, "attn_out")
-    length = length or analysis.longest(df)
+    mode = tables.available_mode(df, "attn_out")
+    length = length or tables.longest(df)
     _suptitle(fig, df, "The smoothing-K effect",
               f"prefill, {length}-token prompts; scores from the reference's Q and K; "
-              f"(c) {mode} mode vs {analysis.reference(df)}" + ("" if has_attn else " (not captured)"))
+              f"(c) {mode} mode vs {tables.reference(df)}" + ("" if has_attn else " (not captured)"))
     return _finish(fig, save_to, close)
 
 
@@ -265,16 +265,16 @@ def smoothing_effect(df: pd.DataFrame, save_to=None, length: int | None = None, 
 def k_channel_profile(profile: pd.DataFrame, save_to=None, layer: int | None = None, kv_head: int | None = None,
                       title_df: pd.DataFrame | None = None, close: bool = True) -> plt.Figure:
     """K's per-channel absmax at one layer and KV head, before and (when the stored K tensor allows it)
-    after smoothing. ``profile`` is ``analysis.k_channel_profile(...)`` (columns statistic, channel, value)."""
+    after smoothing. ``profile`` is ``tables.k_channel_profile(...)`` (columns statistic, channel, value)."""
     fig, ax = plt.subplots(figsize=(9, 3.6), constrained_layout=True)
     raw = profile[profile["statistic"] == "absmax"].sort_values("channel")
     if raw.empty:
-        raise analysis.AnalysisError("the K profile has no 'absmax' rows")
+        raise tables.AnalysisError("the K profile has no 'absmax' rows")
     ax.bar(raw["channel"], raw["value"], width=0.85, color="0.65", label="max_t |K| (as stored, unsmoothed)")
     sm = profile[profile["statistic"] == "absmax smoothed"].sort_values("channel")
     mu = profile[profile["statistic"] == "|mean|"].sort_values("channel")
     if not sm.empty:
-        ax.bar(sm["channel"], sm["value"], width=0.45, color=path_color(analysis.SAGE),
+        ax.bar(sm["channel"], sm["value"], width=0.45, color=path_color(tables.SAGE),
                label="max_t |K − mean_t K| (smoothed, as sage8 quantizes it)")
     if not mu.empty:
         ax.plot(mu["channel"], mu["value"], "_", color="k", ms=7, mew=1.5, label="|mean_t K| (removed by smoothing)")
@@ -300,8 +300,8 @@ def massive_activations(df: pd.DataFrame, save_to=None, path: str | None = None,
                         close: bool = True) -> plt.Figure:
     """The residual stream's massive activations: (a) the largest |value| per layer (top-1 and the k-th);
     (b) where the top-k sit (token position vs layer), coloured by hidden channel."""
-    path = path or analysis.reference(df)
-    data = analysis.massive_activations(df, path, length)
+    path = path or tables.reference(df)
+    data = tables.massive_activations(df, path, length)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
     ax = axes[0]
     k = int(data["rank"].max()) + 1
@@ -330,7 +330,7 @@ def massive_activations(df: pd.DataFrame, save_to=None, path: str | None = None,
     ax.set_ylabel("token position")
     ax.set_title(f"(b) where the top-{k} sit (size ∝ magnitude)")
     ax.legend(loc="best", fontsize=7.5, markerscale=0.8)
-    length = length or analysis.longest(df)
+    length = length or tables.longest(df)
     _suptitle(fig, df, "Massive activations in the residual stream",
               f"path {path}, prefill, first {length}-token prompt")
     return _finish(fig, save_to, close)
@@ -347,7 +347,7 @@ def perplexity_logits(df: pd.DataFrame, save_to=None, reference: str | None = No
     """Perplexity and logit deltas against context length.
 
     Contract: ``df`` has columns path (str), context (int, tokens), metric (str), value (float), one row per
-    (path, context, metric) (``analysis.evaluation_long`` builds it from an evaluate run's tables). Metrics
+    (path, context, metric) (``tables.evaluation_long`` builds it from an evaluate run's tables). Metrics
     used: ``perplexity`` (per path; the panel beside it shows each path's change against ``reference``, in
     percent) and any others (e.g. ``kl``, ``top1_agreement``), one panel each, up to three.
     """
@@ -402,7 +402,7 @@ def throughput_memory(df: pd.DataFrame, save_to=None, close: bool = True) -> plt
 
     Contract: ``df`` has columns path (str), context (int, tokens), phase ("prefill" | "decode"),
     tokens_per_s (float), peak_memory_gib (float), one row per (path, context, phase)
-    (``analysis.bench_table`` builds it from benchmark records).
+    (``tables.bench_table`` builds it from benchmark records).
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     for p in dict.fromkeys(df["path"]):

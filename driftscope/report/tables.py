@@ -153,7 +153,7 @@ def smoothing_table(df: pd.DataFrame, length: int | None = None) -> pd.DataFrame
     """The smoothing-K analysis per (layer, kv_head), one row each.
 
     Columns:
-    - channel_bias: |mean_t K| / mean_t |K_t| (driftscope.smoothing)
+    - channel_bias: |mean_t K| / mean_t |K_t| (driftscope.measure.smoothing)
     - k_err_smooth, k_err_nosmooth: INT8 quantization error of K with and without smoothing
     - qk_err_smooth, qk_err_nosmooth: the error of the scores Q K^T, with and without smoothing
     - k_reduction, qk_reduction: nosmooth / smooth (> 1: smoothing lowers the error by that factor)
@@ -334,7 +334,7 @@ def evaluation_long(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     (path, context, metric) with columns path, context (tokens), metric, value.
 
     From the evaluate ``summary`` table (context, ppl_base, ppl_quant, kl_mean, top1_agree, ...; see
-    ``driftscope.evaluation``), paths are named by the ``attn`` column of the ``perplexity`` table (e.g. sdpa,
+    ``driftscope.run.evaluate``), paths are named by the ``attn`` column of the ``perplexity`` table (e.g. sdpa,
     sage8). A table already in the long shape (path, context, metric, value) is taken as it is.
     """
     if "summary" in tables and {"context", "ppl_base", "ppl_quant"} <= set(tables["summary"].columns):

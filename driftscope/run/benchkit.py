@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .errors import DriftscopeError
+from driftscope.errors import DriftscopeError
 
 # Model shapes that need no download: name -> LlamaConfig arguments.
 SHAPES = {

@@ -1,4 +1,4 @@
-"""`ds.capture(...)`: the library behind `python -m driftscope.capture`."""
+"""`ds.run_capture(...)`: the library behind `python -m driftscope.capture`."""
 from __future__ import annotations
 
 import sys
@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import corpus as corpora
-from . import environment, paths, store
-from .config import CaptureConfig
-from .errors import ConfigError
-from .models import inspect, load_model
-from .records import Context, Records
+from driftscope import corpus as corpora
+from driftscope import environment, paths, store
+from driftscope.config import CaptureConfig
+from driftscope.errors import ConfigError
+from driftscope.models import inspect, load_model
+from driftscope.run.tap import StoreSpec, Tap, run_prompt
+from driftscope.measure.records import Context, Records
 
 
 def default_out(config: CaptureConfig) -> Path:
@@ -33,16 +34,14 @@ def check_model(config: CaptureConfig, info) -> None:
         )
 
 
-def capture(config: CaptureConfig | None = None, *, out: str | Path | None = None, overwrite: bool = False,
+def run_capture(config: CaptureConfig | None = None, *, out: str | Path | None = None, overwrite: bool = False,
             resume: bool = False, argv: list[str] | None = None, progress: bool = True, **overrides) -> Path:
     """Capture drift metrics (and optionally tensors) for every prompt, path and mode into one run file.
 
-    `ds.capture(model="smollm2-135m", paths=("fp16", "sage8"), lengths=(256,))` works like the CLI;
+    `ds.run_capture(model="smollm2-135m", paths=("fp16", "sage8"), lengths=(256,))` works like the CLI;
     returns the run file's path. Each prompt is committed as soon as it is done; `resume=True` continues an
     interrupted run with the same configuration.
     """
-    from driftscope.hooks.capture import StoreSpec, Tap, instrumented, run_prompt
-
     config = config or CaptureConfig(**overrides)
     out = Path(out) if out is not None else default_out(config)
     device = environment.resolve_device(config.device)
@@ -81,8 +80,7 @@ def capture(config: CaptureConfig | None = None, *, out: str | Path | None = Non
                 records.context = Context(prompt=index, length=length, mode=mode)
                 tap = Tap(path_fns, mode, records, store=spec, sink=writer.store_tensor if spec.sites else None,
                           with_stats=m == 0)
-                with instrumented(model, tap):
-                    run_prompt(model, torch.from_numpy(np.asarray(ids)), tap, config.decode)
+                run_prompt(model, torch.from_numpy(np.asarray(ids)), tap, config.decode)
                 bar.update(1)
             writer.append("metrics", records.columns())
             writer.commit_prompt(index)

@@ -21,7 +21,6 @@ Tables written to the run file (`kind="evaluate"`; each window and generation pr
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import corpus as corpora
-from . import environment, paths, store
-from .config import EvaluateConfig
-from .errors import ConfigError
-from .logit_metrics import bootstrap_ppl_delta, first_divergence, logit_drift, perplexity, token_nll
-from .models import load_model
+from driftscope import corpus as corpora
+from driftscope import environment, paths, store
+from driftscope.config import EvaluateConfig
+from driftscope.errors import ConfigError
+from driftscope.hooks.attention import attention_implementation, registered
+from driftscope.hooks.decode import full_logits, greedy
+from driftscope.measure.logits import bootstrap_ppl_delta, first_divergence, logit_drift, perplexity, token_nll
+from driftscope.models import load_model
 
 BASE_ATTN = "sdpa"
 QUANT_ATTN = {"off": BASE_ATTN, "8bit": "sage8"}
@@ -62,41 +63,12 @@ def check_model(config: EvaluateConfig, info) -> tuple[int, ...]:
     return contexts
 
 
-@contextmanager
-def attention(model, name: str):
-    """Run `model` with attn_implementation `name`; the previous one is restored on exit, also on errors."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
-def forward_logits(model, ids_T: torch.Tensor) -> torch.Tensor:
-    """Logits [T, V] in the model's dtype for one unpadded sequence, in one full-sequence forward."""
-    return model(input_ids=ids_T[None].to(model.device), use_cache=False).logits[0]
-
-
-def greedy(model, ids_T: torch.Tensor, steps: int) -> torch.Tensor:
-    """`steps` greedy tokens after the prompt: the prompt is prefilled in one call, then one token per call
-    with the KV cache (the sage kernels cannot run chunked prefill). End-of-text does not stop it."""
-    out = model(input_ids=ids_T[None].to(model.device), use_cache=True, logits_to_keep=1)
-    tokens = []
-    for step in range(steps):
-        next_1x1 = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(next_1x1[0, 0].item())
-        if step + 1 < steps:
-            out = model(input_ids=next_1x1, past_key_values=out.past_key_values, use_cache=True)
-    return torch.tensor(tokens, dtype=torch.long)
-
-
 def window_rows(model, ids_T: torch.Tensor, sides: dict[str, str]) -> tuple[pd.DataFrame, dict]:
     """Perplexity rows (one row per side) and the logit drift row of one window."""
     logits, rows = {}, []
     for side, attn in sides.items():
-        with attention(model, attn):
-            logits[side] = forward_logits(model, ids_T)
+        with attention_implementation(model, attn):
+            logits[side] = full_logits(model, ids_T)
         nll = token_nll(logits[side], ids_T).double().sum().item()
         tokens = ids_T.numel() - 1
         rows.append({"side": side, "attn": attn, "nll_sum": nll, "tokens": tokens, "ppl": perplexity([nll], [tokens])})
@@ -132,12 +104,12 @@ def _columns(df: pd.DataFrame) -> dict:
     return {c: (df[c].astype(str).to_numpy(dtype=str) if df[c].dtype == object else df[c].to_numpy()) for c in df}
 
 
-def evaluate(config: EvaluateConfig | None = None, *, out: str | Path | None = None, overwrite: bool = False,
+def run_evaluate(config: EvaluateConfig | None = None, *, out: str | Path | None = None, overwrite: bool = False,
              argv: list[str] | None = None, progress: bool = True, loaded: tuple | None = None,
              **overrides) -> Path:
     """Compare the SDPA baseline with 8-bit attention (perplexity, logits, greedy generations) into one run file.
 
-    `ds.evaluate(quant_attention="8bit", contexts=(512, 2048), windows=8, generate=(4, 32))` works like the CLI;
+    `ds.run_evaluate(quant_attention="8bit", contexts=(512, 2048), windows=8, generate=(4, 32))` works like the CLI;
     returns the run file's path. `loaded=(model, tokenizer, info)` reuses a model from `load_model` (its
     attention implementation is restored afterwards). Read the results with `ds.open_run(path).table("summary")`.
     """
@@ -156,16 +128,14 @@ def evaluate(config: EvaluateConfig | None = None, *, out: str | Path | None = N
     sides = {"base": BASE_ATTN, "quant": QUANT_ATTN[config.quant_attention]}
     env = environment.describe(str(model.device))
     env.update(attn_implementation=sides, corpus=text.source)
+    impl = paths.get_path("sage8", config.sage_impl, device=str(model.device)).impl
     if config.quant_attention != "off":
-        from driftscope.hooks.attention import register
-
-        impl = paths.get_path("sage8", config.sage_impl, device=str(model.device)).impl
-        register(impl)
         env["sage_impl"] = {"sage8": impl}
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with store.RunWriter(out, kind="evaluate", argv=list(argv if argv is not None else sys.argv),
-                         config=config.as_dict(), environment=env, overwrite=overwrite) as writer, torch.inference_mode():
+    with registered(impl), store.RunWriter(out, kind="evaluate", argv=list(argv if argv is not None else sys.argv),
+                                           config=config.as_dict(), environment=env, overwrite=overwrite) as writer, \
+            torch.inference_mode():
         writer.set_model(info.as_dict())
         index, ppl_parts, logit_parts = 0, [], []
         for context in contexts:
@@ -185,8 +155,8 @@ def evaluate(config: EvaluateConfig | None = None, *, out: str | Path | None = N
             writer.add_prompt(index, ids, source)
             tokens = {}
             for side, attn in sides.items():
-                with attention(model, attn):
-                    tokens[side] = greedy(model, torch.from_numpy(ids), new_tokens)
+                with attention_implementation(model, attn):
+                    tokens[side] = torch.tensor(greedy(model, torch.from_numpy(ids)[None], new_tokens), dtype=torch.long)
                 writer.append("generation_tokens", {"prompt": np.full(new_tokens, index), "side": np.full(new_tokens, side),
                                                     "step": np.arange(new_tokens), "token": tokens[side].numpy()})
             diverge = first_divergence(tokens["base"], tokens["quant"])

@@ -12,7 +12,7 @@ Peak memory is `torch.cuda.max_memory_allocated` inside each measurement (reset 
 `peak_over_weights_bytes` subtracts the memory allocated before the measurement.
 
 Paths map to transformers' attention implementations: `fp16` is transformers' own `sdpa` (the baseline a user
-runs), `sage8` / `sage8-nosmooth` are driftscope's AttentionInterface functions (`driftscope.hooks.attention`)
+runs), `sage8` / `sage8-nosmooth` are driftscope's attention functions (`driftscope.hooks.attention`)
 with the compiled kernel (`sage_impl="kernel"`). Results are long-form records (one per model, phase, length,
 path); `plot_throughput(df, save_to)` draws them.
 """
@@ -24,9 +24,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import benchtools as bt
-from . import paths as attention_paths
-from .errors import ConfigError
+from driftscope.run import benchkit as bt
+from driftscope import paths as attention_paths
+from driftscope.errors import ConfigError
+from driftscope.hooks import decode
+from driftscope.hooks.attention import attention_implementation, registered
 
 PREFILL_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 DECODE_LENGTHS = (1024, 4096, 16384, 32768)
@@ -36,7 +38,7 @@ ATTN_IMPLEMENTATION = {"fp16": "sdpa", "sage8": "sage8", "sage8-nosmooth": "sage
 
 @dataclass(frozen=True)
 class ThroughputConfig:
-    models: tuple[str, ...] = MODELS  # shapes from benchtools.SHAPES (random weights) or a driftscope model name
+    models: tuple[str, ...] = MODELS  # shapes from benchkit.SHAPES (random weights) or a driftscope model name
     paths: tuple[str, ...] = ("fp16", "sage8")  # the first is the baseline of every ratio
     prefill: tuple[int, ...] = PREFILL_LENGTHS  # prompt lengths, tokens
     decode: tuple[int, ...] = DECODE_LENGTHS  # KV-cache lengths the decode steps start from
@@ -78,22 +80,10 @@ def load_bench_model(name: str, config: ThroughputConfig):
     if name in bt.SHAPES:
         model = bt.random_model(name, dtype, config.device, seed=config.seed)
         return model, {"name": name, "weights": "random (normal, std = initializer_range)", **bt.model_shape_info(model)}
-    from .models import load_model
+    from driftscope.models import load_model
 
     model, _tok, info = load_model(name, dtype=config.dtype, device=config.device)
     return model, {"name": name, "weights": info.source, **bt.model_shape_info(model)}
-
-
-def _crop(cache, length: int) -> bool:
-    """Crop a DynamicCache back to `length` tokens across transformers versions; False if it cannot."""
-    extra = cache.get_seq_length() - length
-    if extra <= 0:
-        return extra == 0
-    try:
-        cache.crop(-extra)  # a negative argument removes that many tokens, in old and new transformers alike
-    except (ValueError, TypeError, AttributeError, RuntimeError):
-        return False
-    return cache.get_seq_length() == length
 
 
 def measure_prefill(model, tokens: int, config: ThroughputConfig, generator: torch.Generator) -> dict:
@@ -102,7 +92,7 @@ def measure_prefill(model, tokens: int, config: ThroughputConfig, generator: tor
     base = bt.allocated(device)
 
     def step():
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        decode.forward(model, ids, use_cache=False, logits_to_keep=1)
 
     with bt.peak_memory(device) as mem:
         times = bt.time_it(step, device, warmup=config.warmup, repeats=config.repeats)
@@ -116,20 +106,16 @@ def measure_decode(model, kv_len: int, config: ThroughputConfig, generator: torc
     ids = torch.randint(model.config.vocab_size, (1, kv_len), generator=generator).to(device)
     base = bt.allocated(device)
     with bt.peak_memory(device) as mem_prefill:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    first = out.logits[:, -1].argmax(-1, keepdim=True)
-    del out
+        logits, cache = decode.forward(model, ids, logits_to_keep=1)
+    last = logits[:, -1]
+    del logits
     cropped = [True]
 
     def reset():
-        cropped[0] &= _crop(cache, kv_len)
+        cropped[0] &= decode.crop_cache(cache, kv_len)
 
     def run():
-        token = first
-        for _ in range(steps):
-            o = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = o.logits[:, -1].argmax(-1, keepdim=True)
+        decode.greedy_from(model, last, cache, steps + 1)  # steps + 1 tokens: `steps` forwards
 
     with bt.peak_memory(device) as mem:
         times = bt.time_it(run, device, warmup=config.warmup, repeats=config.repeats, setup=reset)
@@ -156,9 +142,6 @@ def _guarded(fn: Callable[[], dict], device) -> dict:
 
 def bench_model(model, info: dict, config: ThroughputConfig, progress: Callable[[str], None] = bt.log) -> list[dict]:
     """Long-form records for one model: every (phase, length, path)."""
-    from driftscope.hooks.attention import register
-
-    register(config.sage_impl)
     generator = torch.Generator().manual_seed(config.seed)
     max_ctx = info.get("max_context") or math.inf
     records = []
@@ -173,8 +156,7 @@ def bench_model(model, info: dict, config: ThroughputConfig, progress: Callable[
                 rec["skipped"] = f"{n} tokens exceed the model's context of {info.get('max_context')}"
                 records.append(rec)
                 continue
-            model.set_attn_implementation(ATTN_IMPLEMENTATION[path])
-            with torch.inference_mode():
+            with attention_implementation(model, ATTN_IMPLEMENTATION[path]), torch.inference_mode():
                 measure = measure_prefill if phase == "prefill" else measure_decode
                 rec.update(_guarded(lambda: measure(model, n, config, generator), config.device))
             records.append(rec)
@@ -184,7 +166,6 @@ def bench_model(model, info: dict, config: ThroughputConfig, progress: Callable[
                 peak = bt.gib(rec["peak_bytes"])
                 progress(f"{info['name']} {phase} {n:>6} {path:<15} {rec['tokens_per_s']:>12,.1f} tok/s"
                          + (f"  peak {peak:.2f} GiB" if peak is not None else ""))
-    model.set_attn_implementation("sdpa")
     return records
 
 
@@ -237,7 +218,8 @@ def run_throughput(config: ThroughputConfig, argv: Sequence[str] | None = None,
             continue
         models.append(info)
         try:
-            records += bench_model(model, info, config, progress)
+            with registered(config.sage_impl):
+                records += bench_model(model, info, config, progress)
         finally:
             del model
             bt.release(config.device)

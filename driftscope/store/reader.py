@@ -1,4 +1,4 @@
-"""The lazy reader of driftscope run files (schema in ``store.py``).
+"""The lazy reader of driftscope run files (layout in ``schema.py``).
 
     run = open_run("runs/smollm2.h5")
     df = run.metrics(site="q", path=["sage8"])      # tidy long-form DataFrame
@@ -21,9 +21,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from driftscope.journal import RecoveredView, read_journal, read_run_id
-from driftscope.store import (SCHEMA, SCHEMA_MAJOR, TENSOR_KEY, NotStoredError, RunFileError,
-                              RunFileNotFoundError, _check_key, tensor_name, StoreError)
+from .journal import RecoveredView, read_journal, read_run_id
+from .schema import (TENSOR_KEY, NotStoredError, RunFileError, RunFileNotFoundError, StoreError, check_key, check_root,
+                     str_attr, tensor_name)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _TENSOR_PARTS = re.compile(r"^p(\d+)/([^/]+)/([^/]+)/s(\d+)/l(\d+)/([^/]+)/([^/]+)/t(\d+)$")
@@ -42,43 +42,6 @@ def _guard(method):
             raise RunFileError(f"{self.path} is damaged: reading it failed in {method.__name__}() "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return wrapper
-
-
-def _str_attr(attrs, name: str, path: str) -> str:
-    v = attrs[name] if name in attrs else None
-    if isinstance(v, bytes):
-        v = v.decode("utf-8")
-    if not isinstance(v, str):
-        raise RunFileError(f"{path} is not a valid driftscope run file: root attribute {name!r} is "
-                           f"{'missing' if v is None else 'not a string'}")
-    return v
-
-
-def check_root(h5: h5py.File, path: str) -> dict:
-    """Validates the schema and the root of a run file; returns its decoded root attributes."""
-    if "schema" not in h5.attrs:
-        raise RunFileError(f"{path} is an HDF5 file but not a driftscope run file (no 'schema' attribute)")
-    schema = _str_attr(h5.attrs, "schema", path)
-    m = re.fullmatch(r"driftscope/(\d+)", schema)
-    if m is None:
-        raise RunFileError(f"{path} is not a driftscope run file (schema {schema!r}, expected {SCHEMA!r})")
-    if int(m.group(1)) > SCHEMA_MAJOR:
-        raise RunFileError(f"{path} has schema {schema!r}, written by a newer driftscope; this driftscope "
-                           f"reads {SCHEMA!r}: upgrade driftscope to read it")
-    root = {"schema": schema}
-    for name in ("kind", "status", "created", "driftscope_version"):
-        root[name] = _str_attr(h5.attrs, name, path)
-    for name, typ in (("argv", list), ("config", dict), ("environment", dict)):
-        try:
-            root[name] = json.loads(_str_attr(h5.attrs, name, path))
-        except ValueError:
-            root[name] = None
-        if not isinstance(root[name], typ):
-            raise RunFileError(f"{path} is damaged: root attribute {name!r} is not a JSON {typ.__name__}")
-    for g in ("model", "prompts", "tables", "tensors"):
-        if not isinstance(h5.get(g), h5py.Group):
-            raise RunFileError(f"{path} is not a valid driftscope run file: group /{g} is missing")
-    return root
 
 
 def open_run(path) -> "Run":
@@ -303,7 +266,7 @@ class Run:
         key = {"prompt": prompt, "layer": layer, "path": path, "site": site, "mode": mode, "phase": phase,
                "step": step, "token_start": token_start or 0}
         try:
-            k = _check_key(key)
+            k = check_key(key)
         except StoreError as e:
             raise NotStoredError(str(e)) from None
         group = tensor_name(k).rsplit("/", 1)[0]

@@ -1,57 +1,4 @@
-"""driftscope run files: the HDF5 schema ``driftscope/1``, its writer, and (in ``runfile.py``) its lazy reader.
-
-One run is one ``.h5`` file. Layout (every string attribute is UTF-8; JSON attributes are JSON text)::
-
-    bytes 0-511         HDF5 user block: b"driftscope run file\\n" + the 16-byte run id, zero padded
-    /  attrs
-      schema              "driftscope/1". A reader refuses a newer major version.
-      driftscope_version  the writer's driftscope.__version__
-      kind                "capture" | "evaluate" | "bench"
-      run_id              hex of the run id in the user block (it ties the crash journal to this file)
-      argv                JSON list of str: the command line that started the run
-      config              JSON object: the validated configuration; --resume requires an equal one
-      environment         JSON object: torch/transformers/sageattention/triton versions, device, ...
-      created             ISO-8601 UTC time the run started
-      status              "running" while written, then "complete" or "interrupted" (see Status)
-      closed              ISO-8601 UTC time of the last close, "" before
-      resumed             JSON list of {"argv": [...], "time": ISO}, one per resume
-      storage             JSON object: {"tensor_compression": "lzf", "table_compression": "lzf"}
-    /model  attrs         one per key of set_model(): name, source, sha256 or revision, dtype, n_layers,
-                          n_heads, n_kv_heads, head_dim, ...; str/int/float/bool natively, anything else as
-                          JSON text whose key is listed in the JSON attr "json_keys"
-    /prompts/<index:06d>  int dataset [tokens]: the prompt's token ids.
-                          attrs: index (int), source (str), complete (bool: committed by commit_prompt)
-    /tables/<name>        one long-form table, e.g. "metrics" with columns prompt, length, mode, phase, step,
-                          layer, head, site, path, metric, index, value (one row per measurement).
-                          attrs: columns (JSON list, column order), n_rows (int: committed rows)
-      <column>            1-D [n_rows], chunked (64k rows), lzf + shuffle + fletcher32. Numeric columns keep
-                          the dtype of their first append. String columns hold int32 codes, attr
-                          encoding="vocab", and code i means row i of
-      <column>__vocab     1-D variable-length UTF-8 strings (never pickled objects).
-    /tensors/p<prompt:05d>/<mode>/<phase>/s<step:05d>/l<layer:03d>/<path>/<site>/t<token_start:07d>
-                          float16 full tensor as stored, e.g. q/k/v/attn_out [heads, tokens, head_dim] or
-                          resid [tokens, hidden]. Chunked along the token axis (about 4 MiB a chunk, one
-                          chunk spans every other axis), lzf + fletcher32. attrs: key (JSON of the key dict),
-                          token_axis (int: ndim-2, or 0 for 1-D).
-
-Compression: measured on SmolLM2-135M activations (fp16 [30, 2048, 576], 2 CPU cores, h5py 3.16/HDF5 2.0):
-lzf 143 MB/s (ratio 1.00), gzip-1 37 MB/s (1.07), shuffle+gzip-1 44 MB/s (1.13), none 4,000 MB/s.
-float16 activations are close to incompressible, so tensors use the faster filter, lzf (3.5x gzip-1).
-Through the writer (2 cores, 40 x [9, 8192, 64] fp16): lzf 129 MB/s, none 468 MB/s (dd: 327 MB/s), so
-``RunWriter(tensor_compression=None)`` is the choice when disk bandwidth matters: compression is the
-bottleneck, HDF5 runs filters on one thread.
-
-Status. ``status`` is "running" from the start; ``close()`` sets "complete", or "interrupted" when the
-writer exits by an exception (KeyboardInterrupt too) or a write error. A killed writer leaves "running":
-readers report such a file (its writer no longer holds the lock) as status "interrupted", finished False.
-
-Crash safety. Every commit (``commit_prompt``) leaves a file state that opens on its own; the writer's
-undo journal ``<file>-journal`` (see ``journal.py``) lets that state be restored after a kill at any
-instant. Readers overlay the journal (they never write); ``RunWriter(resume=True)`` rolls the file back,
-keeps every committed prompt and continues. A clean close removes the journal: one plain .h5 file remains.
-Rows and tensors appended for a prompt become durable only at its ``commit_prompt`` (which commits
-everything appended since the previous commit: write one prompt at a time).
-"""
+"""The writer of driftscope run files (the layout is documented in ``schema.py``)."""
 from __future__ import annotations
 
 import atexit
@@ -70,76 +17,10 @@ import numpy as np
 import pandas as pd
 
 from driftscope import __version__
-from driftscope.journal import USERBLOCK, JournaledFile, journal_path, read_run_id, recover, userblock
-
-SCHEMA = "driftscope/1"
-SCHEMA_MAJOR = 1
-KINDS = ("capture", "evaluate", "bench")
-LIBVER = ("v108", "v108")  # 1.8 file format: checksummed object headers, readable by any HDF5 >= 1.8
-TABLE_CHUNK = 65536
-TENSOR_CHUNK_BYTES = 4 << 20
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-PART = re.compile(r"^[A-Za-z0-9_+-]+$")
-TENSOR_KEY = ("prompt", "mode", "phase", "step", "layer", "path", "site", "token_start")
-
-
-class StoreError(Exception):
-    """A run file cannot be written as asked."""
-
-
-class OutputExistsError(StoreError):
-    pass
-
-
-class RunLockedError(StoreError):
-    pass
-
-
-class OutputError(StoreError):
-    pass
-
-
-class RunFileError(ValueError):
-    """A file that cannot be read as a driftscope run: damaged, truncated, foreign or of a newer schema."""
-
-
-class RunFileNotFoundError(RunFileError, FileNotFoundError):
-    pass
-
-
-class NotStoredError(KeyError):
-    """What was asked for (a table, a column, a prompt, activations) is not in the run file."""
-
-    def __str__(self):
-        return str(self.args[0]) if self.args else ""
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def tensor_name(key: dict) -> str:
-    """The HDF5 path of the tensor with this (complete, validated) key."""
-    k = key
-    return (f"tensors/p{k['prompt']:05d}/{k['mode']}/{k['phase']}/s{k['step']:05d}/l{k['layer']:03d}/"
-            f"{k['path']}/{k['site']}/t{k['token_start']:07d}")
-
-
-def _check_key(key: dict) -> dict:
-    k = {"mode": "propagated", "phase": "prefill", "step": 0, "token_start": 0, **key}
-    bad = set(k) - set(TENSOR_KEY)
-    missing = [f for f in TENSOR_KEY if f not in k]
-    if bad or missing:
-        raise StoreError(f"tensor key {key!r}: unknown fields {sorted(bad)}, missing fields {missing}; "
-                         f"a key has {', '.join(TENSOR_KEY)}")
-    for f in ("prompt", "step", "layer", "token_start"):
-        if not isinstance(k[f], (int, np.integer)) or isinstance(k[f], bool) or k[f] < 0:
-            raise StoreError(f"tensor key field {f}={k[f]!r} must be a non-negative int")
-        k[f] = int(k[f])
-    for f in ("mode", "phase", "path", "site"):
-        if not isinstance(k[f], str) or not PART.match(k[f]):
-            raise StoreError(f"tensor key field {f}={k[f]!r} must be a non-empty str of letters, digits, _+-")
-    return k
+from .journal import USERBLOCK, JournaledFile, journal_path, read_run_id, recover, userblock
+from .schema import (KINDS, LIBVER, NAME, PART, SCHEMA, TABLE_CHUNK, TENSOR_CHUNK_BYTES, NotStoredError,
+                     OutputError, OutputExistsError, RunFileError, RunLockedError, StoreError, check_key, check_root,
+                     tensor_name, utc_now)
 
 
 def _column(name: str, values, n_hint: int | None) -> np.ndarray:
@@ -249,7 +130,7 @@ class RunWriter:
             for k, v in {"schema": SCHEMA, "driftscope_version": __version__, "kind": self.kind,
                          "run_id": run_id.hex(), "argv": json.dumps(self.argv),
                          "config": json.dumps(self.config), "environment": json.dumps(self.environment),
-                         "created": _now(), "status": "running", "closed": "", "resumed": "[]",
+                         "created": utc_now(), "status": "running", "closed": "", "resumed": "[]",
                          "storage": json.dumps({"tensor_compression": self.compression,
                                                 "table_compression": "lzf"})}.items():
                 h5.attrs[k] = v
@@ -280,7 +161,6 @@ class RunWriter:
         self._jf.begin()
 
     def _open_existing(self) -> None:
-        from driftscope.runfile import check_root
         fd = self._fd
         try:
             run_id = read_run_id(fd)
@@ -316,7 +196,7 @@ class RunWriter:
                         self._vocab[(tname, c)] = {v: i for i, v in enumerate(vocab)}
                     else:
                         self._schema[tname][c] = g[c].dtype
-            resumed = json.loads(h5.attrs["resumed"]) + [{"argv": self.argv, "time": _now()}]
+            resumed = json.loads(h5.attrs["resumed"]) + [{"argv": self.argv, "time": utc_now()}]
             h5.attrs["resumed"] = json.dumps(resumed)
             h5.attrs["status"] = "running"
             h5.attrs["closed"] = ""
@@ -381,7 +261,7 @@ class RunWriter:
 
     def store_tensor(self, key: dict, array) -> None:
         """Queues a full tensor for the background writer (float16). Blocks only if the queue is full."""
-        k = _check_key(key)
+        k = check_key(key)
         event = None
         if hasattr(array, "detach"):  # torch.Tensor: copy now (the caller may reuse it), write later
             import torch
@@ -612,7 +492,7 @@ class RunWriter:
                 h5["prompts"][name].attrs["complete"] = True
         if final:
             h5.attrs["status"] = "complete"
-            h5.attrs["closed"] = _now()
+            h5.attrs["closed"] = utc_now()
         h5.flush()
         self._jf.commit()
         done.set()
@@ -627,7 +507,7 @@ class RunWriter:
             self._jf.rollback()
             h5 = h5py.File(self._jf, "r+")
             h5.attrs["status"] = "interrupted"
-            h5.attrs["closed"] = _now()
+            h5.attrs["closed"] = utc_now()
             h5.close()
             self._jf.commit()
             self._jf.finish()
@@ -638,9 +518,3 @@ class RunWriter:
         self._h5.close()
         self._jf.commit()
         self._jf.finish()
-
-
-def open_run(path):
-    """Opens a run file for lazy reading; see ``driftscope.runfile.Run``."""
-    from driftscope.runfile import open_run as _open_run
-    return _open_run(path)

@@ -7,5 +7,5 @@ python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_capture.py 2>&1 | ta
 python3 -m driftscope.capture --device cuda --paths fp16,fp32,sage8,sage8-nosmooth --mode both \
   --lengths 2048 --prompts 4 --decode 32 --no-figures --quiet --out $OUT/smollm2-135m-h100-2048.h5 2>&1 | tail -36
 python3 -m driftscope.capture --device cuda --paths fp16,fp32,sage8,sage8-nosmooth --mode both \
-  --lengths 8192 --prompts 2 --decode 8 --no-figures --quiet --out $OUT/smollm2-135m-h100-8192.h5 2>&1 | tail -3
+  --lengths 8184 --prompts 2 --decode 8 --no-figures --quiet --out $OUT/smollm2-135m-h100-8184.h5 2>&1 | tail -3
 ls -la $OUT

@@ -1,4 +1,4 @@
-"""Capture: run a model's forward with every attention call tapped, in lockstep or isolated mode.
+"""The capture's tap: what happens at every attention call and decoder-layer output, in lockstep or isolated mode.
 
 - `propagated` (lockstep): the prompt is repeated once per path along the batch; row r runs path r at every
   attention call and every other op is shared, so rows can be compared at each site as the forward goes.
@@ -9,31 +9,40 @@
 Prefill is followed by `decode` greedy steps (phase `decode`, step 1..N). In lockstep every row is fed the
 reference row's greedy token (teacher forcing), so rows stay comparable.
 
-`instrumented()` installs the tap and the residual hooks and always restores the model in a `finally`
-(hooks are global state), also on KeyboardInterrupt.
+`run_prompt()` runs one prompt through a model instrumented with a tap (`driftscope.hooks.layers.instrumented`,
+which restores the model in a `finally`). The tap sees plain tensors; transformers stays inside `hooks/`.
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from driftscope import metrics, paths
-from driftscope.records import Records
-
-from .attention import check_mask, is_causal_call, register_function, unregister_function
+from driftscope import paths
+from driftscope.hooks import decode
+from driftscope.hooks.layers import instrumented
+from driftscope.measure import drift, outliers, smoothing
+from driftscope.measure.records import Records
 
 SITES = ("q", "k", "v", "attn_out", "resid", "logits")
 POSITION_BINS = 128  # per-position curves are binned to at most this many points
-HEAD_METRICS = ("cosine", "rel_l2", "rel_l1")  # per head; all of metrics.DRIFT_METRICS over all heads
+HEAD_METRICS = ("cosine", "rel_l2", "rel_l1")  # per head; all of drift.DRIFT_METRICS over all heads
 MASSIVE_TOP_K = 8
 SCORE_ROWS = 256  # query rows sampled for the QK^T quantization error
 LOGITS_CHUNK = 1 << 22
+# The statistics a tap computes, switchable for benchmarks' per-piece cost breakdown (a run file needs them all).
+PIECES = frozenset({"attn_drift", "resid_drift", "logits_drift", "outliers", "resid_stats", "smoothing"})
 
-_tap_ids = itertools.count()
+
+def lockstep(path_fns: Sequence[paths.AttentionPath]):
+    """The lockstep batch's attention and nothing else: row r runs path r (the forward a capture instruments)."""
+
+    def attention(_layer: int, q, k, v, *, causal: bool, scale: float | None) -> torch.Tensor:
+        return torch.cat([fn(q[r:r + 1], k[r:r + 1], v[r:r + 1], causal=causal, scale=scale)
+                          for r, fn in enumerate(path_fns)])
+
+    return attention
 
 
 @dataclass
@@ -59,6 +68,7 @@ class Tap:
     store: StoreSpec = field(default_factory=StoreSpec)
     sink: Callable[[dict, torch.Tensor], None] | None = None
     with_stats: bool = True  # outliers and smoothing-K statistics (once per prompt is enough)
+    pieces: frozenset = PIECES  # which statistics to compute (see PIECES)
 
     @property
     def names(self) -> list[str]:
@@ -74,40 +84,39 @@ class Tap:
         return rows
 
     # -- attention ---------------------------------------------------------------------------------
-    def attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
-        check_mask(attention_mask, "driftscope capture")
-        causal = is_causal_call(module, query, key, attention_mask, is_causal)
-        layer = module.layer_idx
+    def attention(self, layer: int, query, key, value, *, causal: bool, scale: float | None) -> torch.Tensor:
+        """Run every path on this call's q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; record; return [B,Hq,Tq,D]."""
         if self.mode == "propagated":
-            out = torch.cat([fn(query[r:r + 1], key[r:r + 1], value[r:r + 1], causal=causal, scale=scaling)
-                             for r, fn in enumerate(self.path_fns)])
+            out = lockstep(self.path_fns)(layer, query, key, value, causal=causal, scale=scale)
             self._observe(layer, query, key, value, out)
         else:
-            ref = self.path_fns[0](query, key, value, causal=causal, scale=scaling)
+            ref = self.path_fns[0](query, key, value, causal=causal, scale=scale)
             for fn in self.path_fns[1:]:
-                self._drift(layer, "attn_out", fn.name, fn(query, key, value, causal=causal, scale=scaling)[0], ref[0])
+                self._drift(layer, "attn_out", fn.name, fn(query, key, value, causal=causal, scale=scale)[0], ref[0])
             self._observe(layer, query, key, value, ref)
             out = ref
-        return out.transpose(1, 2).contiguous(), None
+        return out
 
     def _drift(self, layer: int, site: str, path: str, x: torch.Tensor, ref: torch.Tensor, heads: bool = True,
                chunk: int | None = None) -> None:
+        if {"resid": "resid_drift", "logits": "logits_drift"}.get(site, "attn_drift") not in self.pieces:
+            return
         rec = self.records
         if heads:
-            sums = metrics.drift_sums(x, ref)
+            sums = drift.drift_sums(x, ref)
             n = x[0].numel()
-            per_head = metrics.drift_from_sums(sums, n)
+            per_head = drift.drift_from_sums(sums, n)
             for metric in HEAD_METRICS:
                 rec.add(layer, site, path, metric, per_head[metric])
-            pooled = metrics.drift_from_sums(metrics.pool(sums), n * x.shape[0])
+            pooled = drift.drift_from_sums(drift.pool(sums), n * x.shape[0])
         else:
-            pooled = metrics.drift(x.reshape(1, -1), ref.reshape(1, -1), chunk=chunk)
+            pooled = drift.drift(x.reshape(1, -1), ref.reshape(1, -1), chunk=chunk)
         for metric, values in pooled.items():
             rec.add(layer, site, path, metric, values, heads=False)
         if self.records.context.phase == "prefill" and site in ("attn_out", "resid"):
             x3 = x if x.dim() == 3 else x[None]
             r3 = ref if ref.dim() == 3 else ref[None]
-            starts, curve = metrics.rel_l2_by_position(x3, r3, POSITION_BINS)
+            starts, curve = drift.rel_l2_by_position(x3, r3, POSITION_BINS)
             rec.add(layer, site, path, "rel_l2_pos", curve, heads=False, index=starts)
 
     def _observe(self, layer: int, query, key, value, out) -> None:
@@ -137,22 +146,24 @@ class Tap:
         return self.with_stats and self.records.context.phase == "prefill"
 
     def _outliers(self, layer: int, site: str, path: str, x_HxTxD: torch.Tensor, profile: bool) -> None:
+        if "outliers" not in self.pieces:
+            return
         rec = self.records
-        for metric, values in metrics.outliers(x_HxTxD).items():
+        for metric, values in outliers.outliers(x_HxTxD).items():
             rec.add(layer, site, path, metric, values)
         if profile:
-            profiles = {"absmax_channel": metrics.channel_absmax(x_HxTxD)}  # [H, C]
+            profiles = {"absmax_channel": outliers.channel_absmax(x_HxTxD)}  # [H, C]
             if site == "k":  # and K as the kernel quantizes it with smoothing on
-                profiles["absmax_channel_smoothed"] = metrics.channel_absmax(x_HxTxD - x_HxTxD.mean(dim=1, keepdim=True))
+                profiles["absmax_channel_smoothed"] = outliers.channel_absmax(x_HxTxD - x_HxTxD.mean(dim=1, keepdim=True))
             idx = torch.arange(x_HxTxD.shape[-1], device=x_HxTxD.device)
             for metric, ch in profiles.items():
                 for h in range(ch.shape[0]):
                     rec.add(layer, site, path, metric, ch[h], heads=False, head=h, index=idx)
 
     def _smoothing(self, layer: int, q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor) -> None:
-        """Smoothing-K statistics per KV head, from the reference row (see driftscope.smoothing)."""
-        from driftscope import smoothing
-
+        """Smoothing-K statistics per KV head, from the reference row (see driftscope.measure.smoothing)."""
+        if "smoothing" not in self.pieces:
+            return
         stats = smoothing.smoothing_stats(q_HxTxD, k_HxTxD, rows=SCORE_ROWS)
         ref = self.names[0]
         for (metric, variant), values in stats.items():
@@ -171,18 +182,17 @@ class Tap:
         self.sink(key, x.detach().to(torch.float16, copy=True))
 
     # -- residual stream and logits ----------------------------------------------------------------
-    def residual(self, layer: int, output) -> None:
-        resid = output[0] if isinstance(output, (tuple, list)) else output  # decoder layers may return tuples
+    def residual(self, layer: int, resid: torch.Tensor) -> None:
         names = self.names
         if self.mode == "propagated":
             for r in range(1, resid.shape[0]):
                 self._drift(layer, "resid", names[r], resid[r], resid[0], heads=False)
-        if self._stats_now():
+        if self._stats_now() and "resid_stats" in self.pieces:
             for r in self._first_rows() if self.mode == "propagated" else [0]:
                 x = resid[r]
-                for metric, values in metrics.outliers(x[None]).items():
+                for metric, values in outliers.outliers(x[None]).items():
                     self.records.add(layer, "resid", names[r], metric, values, heads=False)
-                values, tok, ch = metrics.massive_activations(x, MASSIVE_TOP_K)
+                values, tok, ch = outliers.massive_activations(x, MASSIVE_TOP_K)
                 rank = torch.arange(values.numel(), device=values.device)
                 for metric, v in (("massive_value", values), ("massive_token", tok), ("massive_channel", ch)):
                     self.records.add(layer, "resid", names[r], metric, v.to(torch.float64), heads=False, index=rank)
@@ -197,53 +207,18 @@ class Tap:
             self._drift(-1, "logits", self.names[r], logits_BxTxV[r], logits_BxTxV[0], heads=False, chunk=LOGITS_CHUNK)
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of a transformers causal LM (Llama, Mistral, Qwen2/3, ...)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__} has no decoder `layers`; driftscope supports decoder-only LMs")
-    return layers
-
-
-@contextlib.contextmanager
-def instrumented(model, tap: Tap):
-    """Route every attention call of `model` through `tap` and hook the decoder layers; always restore."""
-    name = f"driftscope-tap-{next(_tap_ids)}"
-    original = model.config._attn_implementation
-    handles = []
-    register_function(name, tap.attention)
-    try:
-        model.set_attn_implementation(name)
-        for i, layer in enumerate(decoder_layers(model)):
-            handles.append(layer.register_forward_hook(lambda _m, _a, out, i=i: tap.residual(i, out)))
-        yield tap
-    finally:
-        for h in handles:
-            h.remove()
-        try:
-            model.set_attn_implementation(original)
-        finally:
-            unregister_function(name)
-
-
 @torch.inference_mode()
-def run_prompt(model, ids_T: torch.Tensor, tap: Tap, decode: int) -> list[int]:
-    """Prefill `ids` (one row per path in lockstep, one row in isolated mode), then `decode` greedy steps.
+def run_prompt(model, ids_T: torch.Tensor, tap: Tap, decode_steps: int) -> list[int]:
+    """Prefill `ids` (one row per path in lockstep, one row in isolated mode), then `decode_steps` greedy steps.
 
     Returns the greedy tokens chosen from the reference row.
     """
     rows = len(tap.path_fns) if tap.mode == "propagated" else 1
     ctx = tap.records.context
-    ctx.phase, ctx.step = "prefill", 0
-    ids = ids_T.to(model.device)[None].expand(rows, -1).contiguous()
-    out = model(input_ids=ids, use_cache=decode > 0)
-    tap.logits(out.logits)
-    cache, chosen = out.past_key_values, []
-    for step in range(1, decode + 1):
-        token = out.logits[0, -1].argmax()
-        chosen.append(int(token))
-        ctx.phase, ctx.step = "decode", step
-        out = model(input_ids=token.view(1, 1).expand(rows, 1).contiguous(), past_key_values=cache, use_cache=True)
-        tap.logits(out.logits)
-    return chosen
+
+    def at_step(step: int) -> None:
+        ctx.phase, ctx.step = ("prefill" if step == 0 else "decode"), step
+
+    with instrumented(model, tap.attention, tap.residual):
+        return decode.greedy(model, ids_T[None].expand(rows, -1).contiguous(), decode_steps, on_step=at_step,
+                             on_logits=lambda _step, logits: tap.logits(logits))

@@ -1,4 +1,5 @@
-"""Printed summaries of an evaluate run, made only from its stored tables (`summary`, `generations`, ...)."""
+"""Terminal and Markdown text made only from stored tables: a capture's per-layer worst-head summary, an evaluate
+run's summary and generations."""
 from __future__ import annotations
 
 import textwrap
@@ -55,4 +56,39 @@ def format_generations(gen: pd.DataFrame, gen_summary: pd.DataFrame | None = Non
             a = left[i] if i < len(left) else ""
             b = right[i] if i < len(right) else ""
             lines.append(f"  {a:<{width}} | {b}")
+    return "\n".join(lines)
+
+
+def layer_summary(df: pd.DataFrame, site: str = "attn_out") -> pd.DataFrame:
+    """Per layer, the worst head's cosine (min) and rel-L2 (max) for each mode, phase and path.
+
+    Rows: layer. Columns: (mode, phase, path, metric). Decode values are the worst over all steps.
+    """
+    d = df[(df["site"] == site) & (df["head"] >= 0) & (df["metric"].isin(["cosine", "rel_l2"]))]
+    if d.empty:
+        return pd.DataFrame()
+    worst = d.groupby(["layer", "mode", "phase", "path", "metric"], observed=True)["value"].agg(["min", "max"])
+    worst = worst["min"].where(worst.index.get_level_values("metric") == "cosine", worst["max"])
+    table = worst.unstack(["mode", "phase", "path", "metric"])
+    return table.sort_index(axis=1)
+
+
+def format_layer_summary(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "(no attention-output drift rows in this run)"
+    flat = table.copy()
+    flat.columns = [" ".join(str(c) for c in col).replace("cosine", "cos").replace("rel_l2", "relL2")
+                    for col in flat.columns]
+    return flat.to_string(float_format=lambda v: f"{v:.6f}")
+
+
+def markdown_layer_summary(table: pd.DataFrame, path: str) -> str:
+    """One path's columns of `layer_summary` as a Markdown table: worst-head cos / rel-L2 per mode and phase."""
+    sub = table.xs(path, axis=1, level="path")
+    groups = list(dict.fromkeys((m, p) for m, p, _ in sub.columns))
+    head = "| layer | " + " | ".join(f"{m} {p}: cos / rel-L2" for m, p in groups) + " |"
+    lines = [head, "|" + " ---: |" * (len(groups) + 1)]
+    for layer, row in sub.iterrows():
+        cells = [f"{row[(m, p, 'cosine')]:.5f} / {row[(m, p, 'rel_l2')]:.4f}" for m, p in groups]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

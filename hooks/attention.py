@@ -48,10 +48,27 @@ def check_mask(attention_mask, name: str) -> None:
         )
 
 
+# Attention arguments some architectures pass that no driftscope path honours: computing attention without them
+# would silently compare something other than the model (Mistral's window, Gemma 2's softcap, gpt-oss's sinks, T5's
+# bias). Refused for every path, the reference included, so both sides of a comparison stay the same computation.
+UNSUPPORTED_ARGUMENTS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
+
+
+def check_arguments(module: torch.nn.Module, kwargs: dict) -> None:
+    bad = [k for k in UNSUPPORTED_ARGUMENTS if kwargs.get(k) is not None]
+    if bad:
+        model = getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+        raise ConfigError(
+            f"model {model!r} passes {', '.join(f'{k}={kwargs[k]!r}' if not torch.is_tensor(kwargs[k]) else k for k in bad)} "
+            f"to its attention, which driftscope's attention paths cannot apply (they compute full causal "
+            f"attention); its comparisons would be wrong, so it is not supported")
+
+
 def interface_function(fn: LayerAttention, name: str) -> Callable:
     """An AttentionInterface function that calls `fn(layer, q, k, v, causal=..., scale=...)`."""
 
     def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
+        check_arguments(module, kwargs)
         check_mask(attention_mask, name)
         causal = is_causal_call(module, query, key, attention_mask, is_causal)
         out_BxHxTxD = fn(getattr(module, "layer_idx", -1), query, key, value, causal=causal, scale=scaling)
@@ -61,10 +78,18 @@ def interface_function(fn: LayerAttention, name: str) -> Callable:
     return forward
 
 
-def attention_function(path: paths.AttentionPath) -> Callable:
-    """An AttentionInterface function that runs `path`."""
-    return interface_function(lambda _layer, q, k, v, *, causal, scale: path(q, k, v, causal=causal, scale=scale),
-                              path.name)
+def attention_function(path: paths.AttentionPath, nonfinite: dict | None = None) -> Callable:
+    """An AttentionInterface function that runs `path`. With `nonfinite` (a dict), the count of non-finite output
+    values of every call is added to nonfinite[(path name, layer)] as a device tensor (no host sync)."""
+
+    def run(layer, q, k, v, *, causal, scale):
+        out = path(q, k, v, causal=causal, scale=scale)
+        if nonfinite is not None:
+            key = (path.name, layer)
+            nonfinite[key] = nonfinite.get(key, 0) + out.isfinite().logical_not().sum()
+        return out
+
+    return interface_function(run, path.name)
 
 
 def register_function(name: str, fn: Callable) -> None:
@@ -104,11 +129,12 @@ def register(impl: str = "auto") -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def registered(impl: str = "auto") -> Iterator[tuple[str, ...]]:
-    """`register(impl)` for the duration of the block; the previous registrations are restored on exit."""
+def registered(impl: str = "auto", nonfinite: dict | None = None) -> Iterator[tuple[str, ...]]:
+    """`register(impl)` for the duration of the block; the previous registrations are restored on exit.
+    `nonfinite`: see `attention_function`."""
     with contextlib.ExitStack() as stack:
         for name in QUANT_IMPLEMENTATIONS:
-            stack.enter_context(function_registered(name, attention_function(paths.get_path(name, impl))))
+            stack.enter_context(function_registered(name, attention_function(paths.get_path(name, impl), nonfinite)))
         yield QUANT_IMPLEMENTATIONS
 
 

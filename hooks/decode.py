@@ -28,8 +28,9 @@ def forward(model, ids_BxT: torch.Tensor, cache=None, *, use_cache: bool = True,
     if logits_to_keep is not None:
         kwargs["logits_to_keep"] = logits_to_keep
     out = model(**kwargs)
-    new_cache = out.get("cache", out.get("past_key_values")) if use_cache else None
-    return out.logits, new_cache
+    if not use_cache:
+        return out.logits, None
+    return out.logits, out["cache"] if "cache" in out else out.get("past_key_values")
 
 
 def full_logits(model, ids_T: torch.Tensor) -> torch.Tensor:

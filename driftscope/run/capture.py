@@ -13,7 +13,7 @@ from driftscope import environment, paths, store
 from driftscope.config import CaptureConfig
 from driftscope.errors import ConfigError
 from driftscope.models import inspect, load_model
-from driftscope.run.tap import StoreSpec, Tap, run_prompt
+from driftscope.run.tap import StoreSpec, Tap, nonfinite_warnings, run_prompt
 from driftscope.measure.records import Context, Records
 
 
@@ -82,7 +82,10 @@ def run_capture(config: CaptureConfig | None = None, *, out: str | Path | None =
                           with_stats=m == 0)
                 run_prompt(model, torch.from_numpy(np.asarray(ids)), tap, config.decode)
                 bar.update(1)
-            writer.append("metrics", records.columns())
+            columns = records.columns()
+            for line in nonfinite_warnings(columns):
+                tqdm.write(line, file=sys.stderr)
+            writer.append("metrics", columns)
             writer.commit_prompt(index)
         bar.close()
     return out

@@ -88,14 +88,23 @@ class Tap:
         """Run every path on this call's q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; record; return [B,Hq,Tq,D]."""
         if self.mode == "propagated":
             out = lockstep(self.path_fns)(layer, query, key, value, causal=causal, scale=scale)
+            for r, name in enumerate(self.names):
+                self._nonfinite(layer, name, out[r])
             self._observe(layer, query, key, value, out)
         else:
             ref = self.path_fns[0](query, key, value, causal=causal, scale=scale)
+            self._nonfinite(layer, self.names[0], ref)
             for fn in self.path_fns[1:]:
-                self._drift(layer, "attn_out", fn.name, fn(query, key, value, causal=causal, scale=scale)[0], ref[0])
+                out_fn = fn(query, key, value, causal=causal, scale=scale)
+                self._nonfinite(layer, fn.name, out_fn)
+                self._drift(layer, "attn_out", fn.name, out_fn[0], ref[0])
             self._observe(layer, query, key, value, ref)
             out = ref
         return out
+
+    def _nonfinite(self, layer: int, path: str, out: torch.Tensor) -> None:
+        """The count of non-finite values a path's attention output holds (a kernel bug, never silently averaged)."""
+        self.records.add(layer, "attn_out", path, "nonfinite", out.isfinite().logical_not().sum(), heads=False)
 
     def _drift(self, layer: int, site: str, path: str, x: torch.Tensor, ref: torch.Tensor, heads: bool = True,
                chunk: int | None = None) -> None:
@@ -205,6 +214,19 @@ class Tap:
             return
         for r in range(1, logits_BxTxV.shape[0]):
             self._drift(-1, "logits", self.names[r], logits_BxTxV[r], logits_BxTxV[0], heads=False, chunk=LOGITS_CHUNK)
+
+
+def nonfinite_warnings(columns: dict) -> list[str]:
+    """One warning per (path, layer, phase) whose attention output held non-finite values, from a prompt's records."""
+    rows = [i for i in (columns["metric"] == "nonfinite").nonzero()[0] if columns["value"][i] > 0]
+    found: dict = {}
+    for i in rows:
+        key = (str(columns["path"][i]), int(columns["layer"][i]), str(columns["phase"][i]), str(columns["mode"][i]))
+        found[key] = found.get(key, 0) + int(columns["value"][i])
+    prompt = ", ".join(f"prompt {p} ({n} tokens)" for p, n in sorted({(int(columns["prompt"][i]),
+                                                                        int(columns["length"][i])) for i in rows}))
+    return [f"warning: {path} returned {n} non-finite attention outputs at layer {layer} ({phase}, {mode}; {prompt})"
+            for (path, layer, phase, mode), n in sorted(found.items())]
 
 
 @torch.inference_mode()

@@ -25,6 +25,7 @@ Where the interpreter and the GPU differ (`flavor`):
 - fp32 -> bf16 of the output: the interpreter truncates (`_convert_float` with no rounding mode), the GPU rounds to
   nearest even. `flavor="interpret"` truncates, `flavor="kernel"` (the default) rounds to nearest.
 - exp2: numpy/torch libm vs the GPU's ex2.approx; fma contraction on the GPU. Both at the fp32 ulp level.
+- fp32 division: exact in the interpreter, x * rcp.approx(y) on the GPU (`gpu_div`, off by default here).
 """
 from __future__ import annotations
 
@@ -33,12 +34,15 @@ import math
 import numpy as np
 import torch
 
+from . import gpu_arith
+
 LOG2E = 1.44269504  # the constant sageattention folds into q's scale
 BLOCK_Q = 128
 BLOCK_K = 64
 
 
-def quantize_per_block(x: torch.Tensor, block: int, scale_mul: float) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_block(x: torch.Tensor, block: int, scale_mul: float,
+                       gpu_div: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's per-block INT8 quantizer: x [B,H,T,D] -> (int8 [B,H,T,D], fp32 scales [B,H,ceil(T/block)]).
 
     Per block of `block` tokens x all channels: x*scale_mul in fp32, scale = absmax/127, x/scale + 0.5*sign (sign of
@@ -50,8 +54,12 @@ def quantize_per_block(x: torch.Tensor, block: int, scale_mul: float) -> tuple[t
     nblk = -(-T // block)
     xf = x.to(torch.float32) * torch.tensor(np.float32(scale_mul))  # the kernel multiplies by an fp32 argument
     xf = torch.nn.functional.pad(xf, (0, 0, 0, nblk * block - T)).view(B, H, nblk, block, D)
-    scale = xf.abs().amax(dim=(3, 4)) / 127.0  # [B,H,nblk]
-    xi = xf / scale[..., None, None]
+    if gpu_div:  # the GPU's division: x * rcp.approx(y) (gpu_arith)
+        scale = gpu_arith.div(xf.abs().amax(dim=(3, 4)), torch.tensor(127.0))  # [B,H,nblk]
+        xi = xf * gpu_arith.rcp(scale)[..., None, None]
+    else:  # exact division, as Triton's interpreter computes it
+        scale = xf.abs().amax(dim=(3, 4)) / 127.0  # [B,H,nblk]
+        xi = xf / scale[..., None, None]
     xi = xi + torch.where(xi >= 0, 0.5, -0.5)
     xi = torch.where(torch.isnan(xi), 0.0, xi)
     x8 = xi.to(torch.int8).view(B, H, nblk * block, D)[:, :, :T].contiguous()
@@ -72,7 +80,7 @@ def _round_out(out: torch.Tensor, dtype: torch.dtype, flavor: str) -> torch.Tens
 
 def sage_emulate(q, k, v, *, causal: bool, scale: float | None = None, smooth_k: bool = True,
                  flavor: str = "kernel", pv_chunk: int | None = None, pad_keys: bool = True,
-                 pv_accum: str = "fp16", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 pv_accum: str = "fp16", out_dtype: torch.dtype | None = None, gpu_div: bool = False) -> torch.Tensor:
     """SageAttention 1.0.6 emulated: q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] (validated; causal needs Tq == Tk) -> [B,Hq,Tq,D].
 
     `causal` selects the kernel (decode must already be resolved to causal=False). `flavor` "kernel" (GPU rounding)
@@ -82,7 +90,9 @@ def sage_emulate(q, k, v, *, causal: bool, scale: float | None = None, smooth_k:
     (what the kernel presumably intends, not what it does). Diagnostic variants for the GPU comparison
     (experiments/gpu_fidelity.py), off by default: `pv_accum="fp16-rz"` rounds the fp16 P.V accumulator toward zero
     instead of to nearest, `pv_accum="fp32"` keeps P.V in fp32 (no fp16 rounding at all); `out_dtype` overrides
-    the output dtype (torch.float32: the value before the final cast).
+    the output dtype (torch.float32: the value before the final cast). `gpu_div=True` divides as the compiled
+    kernel does, x * rcp.approx(y) (`gpu_arith`), in the quantizer and in acc / l; off by default, which keeps
+    this 1.0.6 model bit-exact against the interpreter (the 2.x Triton path, `sage2_triton_emulate`, turns it on).
     """
     if pv_chunk is None and flavor == "kernel":
         # Measured on an H100 (experiments/results/gpu_fidelity.json): the tensor cores round the fp16 P.V
@@ -94,7 +104,7 @@ def sage_emulate(q, k, v, *, causal: bool, scale: float | None = None, smooth_k:
     if prec != "highest":  # TF32 would round fp16 P to 10 mantissa bits in P.V
         torch.set_float32_matmul_precision("highest")
     try:
-        return _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_accum, out_dtype)
+        return _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_accum, out_dtype, gpu_div)
     finally:
         if prec != "highest":
             torch.set_float32_matmul_precision(prec)
@@ -109,7 +119,8 @@ def _to_fp16(x: torch.Tensor, mode: str) -> torch.Tensor:
     return r
 
 
-def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_accum="fp16", out_dtype=None):
+def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_accum="fp16", out_dtype=None,
+             gpu_div=False):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -118,8 +129,8 @@ def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_ac
     ks = smooth(k) if smooth_k else k
     v16 = v.to(torch.float16)
 
-    q8, q_scale = quantize_per_block(q, BLOCK_Q, sm_scale * LOG2E)  # [B,Hq,Tq,D], [B,Hq,nq]
-    k8, k_scale = quantize_per_block(ks, BLOCK_K, 1.0)  # [B,Hkv,Tk,D], [B,Hkv,nk]
+    q8, q_scale = quantize_per_block(q, BLOCK_Q, sm_scale * LOG2E, gpu_div)  # [B,Hq,Tq,D], [B,Hq,nq]
+    k8, k_scale = quantize_per_block(ks, BLOCK_K, 1.0, gpu_div)  # [B,Hkv,Tk,D], [B,Hkv,nk]
     nq, nk = q_scale.shape[-1], k_scale.shape[-1]
     Tkp = nk * BLOCK_K
     # key blocks as batch entries: k8_blk [B,Hkv,nk,D,64], v_blk [B,Hkv,nk,64,D], k_scale [B,Hkv,nk,1,1]
@@ -171,7 +182,8 @@ def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_ac
         for j in range(1, nkb):
             acc = acc * alpha[:, :, j, :, None] + x[:, :, j]
             l = l * alpha[:, :, j] + l_blk[:, :, j]
-        out[:, :, :, r0:r1] = (acc / l[..., None]).view(B, Hkv, G, R, D)
+        norm = acc * gpu_arith.rcp(l)[..., None] if gpu_div else acc / l[..., None]
+        out[:, :, :, r0:r1] = norm.view(B, Hkv, G, R, D)
     return _round_out(out.view(B, Hq, Tq, D), dtype if out_dtype is None else out_dtype, flavor)
 
 

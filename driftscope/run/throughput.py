@@ -33,7 +33,12 @@ from driftscope.hooks.attention import attention_implementation, registered
 PREFILL_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 DECODE_LENGTHS = (1024, 4096, 16384, 32768)
 MODELS = ("llama3-8b-shape", "smollm2-135m")
-ATTN_IMPLEMENTATION = {"fp16": "sdpa", "sage8": "sage8", "sage8-nosmooth": "sage8-nosmooth"}
+BENCH_PATHS = ("fp16",) + tuple(n for n in attention_paths.PATH_NAMES if n.startswith("sage"))
+
+
+def attn_implementation(path: str) -> str:
+    """The transformers attn_implementation a bench path runs as: SDPA for fp16, else driftscope's registered path."""
+    return "sdpa" if path == "fp16" else path
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,8 @@ class ThroughputConfig:
 
     def __post_init__(self):
         for p in self.paths:
-            if p not in ATTN_IMPLEMENTATION:
-                raise ConfigError(f"unknown path {p!r} for bench; expected some of: {', '.join(ATTN_IMPLEMENTATION)}")
+            if p not in BENCH_PATHS:
+                raise ConfigError(f"unknown path {p!r} for bench; expected some of: {', '.join(BENCH_PATHS)}")
         if len(self.paths) < 1 or len(set(self.paths)) != len(self.paths):
             raise ConfigError(f"--paths must name distinct paths, got {','.join(self.paths)!r}")
         for name, values in (("prefill lengths", self.prefill), ("decode lengths", self.decode)):
@@ -150,13 +155,13 @@ def bench_model(model, info: dict, config: ThroughputConfig, progress: Callable[
         skip = n + (config.decode_steps if phase == "decode" else 0) > max_ctx
         for path in config.paths:
             rec = {"model": info["name"], "phase": phase, "tokens": n, "path": path,
-                   "attn_implementation": ATTN_IMPLEMENTATION[path],
-                   "sage_impl": config.sage_impl if path.startswith("sage") else "sdpa"}
+                   "attn_implementation": attn_implementation(path),
+                   "sage_impl": attention_paths.get_path(path, config.sage_impl, device=config.device).impl}
             if skip:
                 rec["skipped"] = f"{n} tokens exceed the model's context of {info.get('max_context')}"
                 records.append(rec)
                 continue
-            with attention_implementation(model, ATTN_IMPLEMENTATION[path]), torch.inference_mode():
+            with attention_implementation(model, attn_implementation(path)), torch.inference_mode():
                 measure = measure_prefill if phase == "prefill" else measure_decode
                 rec.update(_guarded(lambda: measure(model, n, config, generator), config.device))
             records.append(rec)
@@ -257,7 +262,7 @@ def plot_throughput(df, save_to=None, title: str | None = None, baseline: str = 
     fig, axes = plt.subplots(3, 2, figsize=(11, 10), sharex="col")
     df = df[df["tokens_per_s"].notna()] if "tokens_per_s" in df else df.iloc[0:0]
     markers = dict(zip(sorted(df["model"].unique()) if len(df) else [], "osD^v"))
-    colors = dict(zip(ATTN_IMPLEMENTATION, ("tab:blue", "tab:red", "tab:orange")))
+    colors = dict(zip(BENCH_PATHS, plt.get_cmap("tab10").colors))
     ratio_col = f"tokens_per_s_vs_{baseline}"
     for col, phase in enumerate(("prefill", "decode")):
         part = df[df["phase"] == phase]

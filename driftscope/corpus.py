@@ -73,12 +73,16 @@ def wikipedia() -> Corpus:
 def from_file(path: str | Path) -> Corpus:
     """A UTF-8 text file; blank-line-separated blocks of ≥ 2 lines are kept together as documents."""
     p = Path(path)
+    if p.is_dir():
+        raise CorpusError(f"corpus {str(p)!r} is a directory; expected a UTF-8 text file")
     if not p.is_file():
         raise CorpusError(f"corpus file {str(p)!r} does not exist; expected a UTF-8 text file")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise CorpusError(f"corpus file {str(p)!r} is not UTF-8 text") from None
+    except OSError as e:
+        raise CorpusError(f"corpus file {str(p)!r} cannot be read ({e.strerror or e})") from None
     if not text.strip():
         raise CorpusError(f"corpus file {str(p)!r} is empty; expected text to draw prompts from")
     return Corpus(((p.name, text.strip()),), source=f"file:{p.resolve()}")

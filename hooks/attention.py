@@ -23,8 +23,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from driftscope import paths
 from driftscope.errors import ConfigError
 
-# The runtime flag's names (`attn_implementation="sage8"`); each maps to the driftscope path of that name.
+# SageAttention 1.0.6's names (`attn_implementation="sage8"`), always registered. `registered()` registers every sage
+# path of `paths.PATH_NAMES` (`sage_implementations()`), read when it is called: the family grows (sage2-*).
 QUANT_IMPLEMENTATIONS = ("sage8", "sage8-nosmooth")
+
+
+def sage_implementations() -> tuple[str, ...]:
+    """Every sage path of `driftscope.paths.PATH_NAMES`, each usable as `attn_implementation=<name>` once registered."""
+    return tuple(name for name in paths.PATH_NAMES if name.startswith("sage"))
 
 
 class LayerAttention(Protocol):
@@ -117,25 +123,42 @@ def function_registered(name: str, fn: Callable) -> Iterator[str]:
                 mapping[name] = previous
 
 
+def _path_function(name: str, impl: str, nonfinite: dict | None) -> Callable:
+    """The attention function of sage path `name`; where `paths.get_path` refuses it (an implementation this install
+    lacks), a function that raises that error when a model calls it, so only its users see the refusal."""
+    try:
+        return attention_function(paths.get_path(name, impl), nonfinite)
+    except paths.PathError as err:
+        message = str(err)
+
+        def refused(module, *args, **kwargs):
+            raise ConfigError(f"attention path {name!r} (impl {impl!r}) is unavailable: {message}")
+
+        return refused
+
+
 def register(impl: str = "auto") -> tuple[str, ...]:
-    """Make `attn_implementation="sage8"` (and `"sage8-nosmooth"`) usable by any transformers model, for good.
+    """Make `attn_implementation="sage8"` (and every other sage path, `sage_implementations()`) usable by any
+    transformers model, for good.
 
     `impl` picks the sage implementation (`auto`, `kernel`, `interpret`, `emulate`). Returns the names.
     Prefer the scoped `registered(impl)`, which restores the previous registrations on exit.
     """
-    for name in QUANT_IMPLEMENTATIONS:
-        register_function(name, attention_function(paths.get_path(name, impl)))
-    return QUANT_IMPLEMENTATIONS
+    names = sage_implementations()
+    for name in names:
+        register_function(name, _path_function(name, impl, None))
+    return names
 
 
 @contextlib.contextmanager
 def registered(impl: str = "auto", nonfinite: dict | None = None) -> Iterator[tuple[str, ...]]:
     """`register(impl)` for the duration of the block; the previous registrations are restored on exit.
     `nonfinite`: see `attention_function`."""
+    names = sage_implementations()
     with contextlib.ExitStack() as stack:
-        for name in QUANT_IMPLEMENTATIONS:
-            stack.enter_context(function_registered(name, attention_function(paths.get_path(name, impl), nonfinite)))
-        yield QUANT_IMPLEMENTATIONS
+        for name in names:
+            stack.enter_context(function_registered(name, _path_function(name, impl, nonfinite)))
+        yield names
 
 
 @contextlib.contextmanager

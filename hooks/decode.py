@@ -70,15 +70,46 @@ def greedy(model, ids_BxT: torch.Tensor, steps: int, *, on_step: Callable[[int],
     return greedy_from(model, logits[:, -1], cache, steps, on_step=on_step, on_logits=on_logits)
 
 
-def teacher_forced(model, prompt_T: torch.Tensor, forced_N: torch.Tensor) -> torch.Tensor:
+def teacher_forced(model, prompt_T: torch.Tensor, forced_N: torch.Tensor, *,
+                   on_prefill: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Next-token logits [N, V] (float32) for each token of `forced` after `prompt`: the prompt is prefilled into
-    a KV cache, then `forced` is fed one token at a time, so every prediction after the first is a decode step."""
-    logits, cache = forward(model, prompt_T[None], logits_to_keep=1)
-    out = [logits[0, -1].float()]
-    for token in forced_N[:-1]:
-        logits, cache = forward(model, token.view(1, 1), cache)
-        out.append(logits[0, -1].float())
-    return torch.stack(out)
+    a KV cache, then `forced` is fed one token at a time, so every prediction after the first is a decode step.
+
+    Row 0 comes from the prefill (it predicts forced[0]); row s >= 1 from the decode step that feeds forced[s - 1]
+    against a cache of len(prompt) + s - 1 tokens (kv length len(prompt) + s after the step's own key).
+    `on_prefill(logits [len(prompt), V])`, in the model's dtype, sees every prompt position's logits (the prefill
+    then keeps them all, which it otherwise does not)."""
+    return _decode(model, prompt_T, len(forced_N), forced_N, on_prefill)[1]
+
+
+def greedy_logits(model, prompt_T: torch.Tensor, steps: int, *,
+                  on_prefill: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [steps], logits [steps, V] float32): the greedy continuation of `prompt` and the next-token logits
+    that chose each token, row 0 from the prefill and row s from the decode step feeding token s - 1.
+
+    It is the same loop as `teacher_forced`, feeding its own argmax: `teacher_forced(model, prompt, tokens)` on the
+    same model and attention returns these logits bitwise, which makes it the baseline side of a teacher-forced
+    comparison. End-of-text does not stop it."""
+    return _decode(model, prompt_T, steps, None, on_prefill)
+
+
+def _decode(model, prompt_T, n: int, forced_N, on_prefill) -> tuple[torch.Tensor, torch.Tensor]:
+    """n next-token predictions after `prompt`, feeding `forced` (or, when None, the argmax of each prediction)."""
+    if n < 1:
+        raise ValueError(f"need at least one token to predict, got {n}")
+    logits, cache = forward(model, prompt_T[None], logits_to_keep=None if on_prefill else 1)
+    if on_prefill is not None:
+        on_prefill(logits[0])
+    rows_NxV = [logits[0, -1].float()]
+    tokens = []
+    for i in range(n):
+        token = rows_NxV[-1].argmax() if forced_N is None else forced_N[i]
+        tokens.append(token.to(torch.long).reshape(()))
+        if i == n - 1:
+            break  # the last token is predicted, never fed
+        logits, cache = forward(model, tokens[-1].view(1, 1), cache)
+        rows_NxV.append(logits[0, -1].float())
+    return torch.stack(tokens).cpu(), torch.stack(rows_NxV)
 
 
 def crop_cache(cache, length: int) -> bool:
@@ -91,3 +122,15 @@ def crop_cache(cache, length: int) -> bool:
     except (ValueError, TypeError, AttributeError, RuntimeError):
         return False
     return cache.get_seq_length() == length
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The end-of-text token ids: the tokenizer's and the model's generation config's (an int or a list)."""
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None),
+                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

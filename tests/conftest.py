@@ -60,23 +60,107 @@ def save_tiny_llama(folder: Path, tokenizer_from: Path, head_dim: int = 64, laye
     return folder
 
 
+def save_tiny_model(folder: Path, layers: int = 2, max_context: int = 512) -> Path:
+    """A tiny random Llama checkpoint with its own 200-word tokenizer (words w0 ... w199): real transformers
+    files that load in a fraction of a second, with no dependency on the embedded model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<unk>": 0, **{f"w{i}": i + 1 for i in range(200)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=192, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=3, num_key_value_heads=1, head_dim=64,
+                         max_position_embeddings=max_context, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(folder)
+    return folder
+
+
+def write_corpus(path: Path, documents: int = 6, words: int = 200) -> Path:
+    """A UTF-8 corpus of the tiny model's words: `documents` blank-line-separated documents."""
+    import random
+
+    rng = random.Random(0)
+    docs = ["\n".join(" ".join(f"w{rng.randrange(200)}" for _ in range(words // 5)) for _ in range(5))
+            for _ in range(documents)]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(model folder, corpus file) of save_tiny_model and write_corpus."""
+    base = tmp_path_factory.mktemp("tiny")
+    return save_tiny_model(base / "model"), write_corpus(base / "corpus.txt")
+
+
+def write_capture_run(path: Path, prompts: int = 1, layers: int = 2, heads: int = 3,
+                      paths=("fp16", "sage8")) -> Path:
+    """A capture run file made by the store alone (no model): `prompts` committed prompts of attention-output
+    drift rows (cosine, rel_l2) per layer and head, propagated and isolated, prefill and decode. prompts=0 gives
+    the file a run that failed before its first prompt leaves behind (status interrupted)."""
+    import numpy as np
+
+    from driftscope import store
+
+    config = {"paths": list(paths), "lengths": [16], "store": [], "heads": None, "tokens": None}
+    writer = store.RunWriter(path, kind="capture", argv=["test"], config=config, environment={"device": "cpu"})
+    writer.set_model({"name": "tiny", "n_layers": layers, "n_heads": heads, "n_kv_heads": 1, "head_dim": 64})
+    for p in range(prompts):
+        writer.add_prompt(p, np.arange(16), f"doc@{p}")
+        rows = [dict(prompt=p, length=16, mode=mode, phase=phase, step=0 if phase == "prefill" else 1,
+                     layer=layer, head_index=head, site="attn_out", path=path, metric=metric, element=-1,
+                     value=(1 - 1e-3 * (layer + 1)) if metric == "cosine" else 1e-2 * (layer + head + 1))
+                for mode in ("propagated", "isolated") for phase in ("prefill", "decode")
+                for layer in range(layers) for head in range(heads) for path in paths[1:]
+                for metric in ("cosine", "rel_l2")]
+        writer.append("metrics", {c: np.array([r[c] for r in rows]) for c in store.METRICS_COLUMNS})
+        writer.commit_prompt(p)
+    writer.close("complete" if prompts else "interrupted")
+    return path
+
+
 @pytest.fixture
 def run_cli():
-    """Run `python -m driftscope.<module> args...` in a subprocess; returns CompletedProcess (text)."""
+    """Run `python -m driftscope.<module> args...` in a subprocess; returns CompletedProcess (text). An `env`
+    value of None removes that variable (e.g. TRITON_INTERPRET, which this test session sets)."""
 
-    def run(module: str, *args: str, env: dict | None = None, timeout: int = 600):
+    def run(module: str, *args: str, env: dict | None = None, timeout: int = 600, cwd=REPO):
         full_env = {**os.environ, **(env or {})}
+        full_env = {k: v for k, v in full_env.items() if v is not None}
         return subprocess.run([sys.executable, "-m", f"driftscope.{module}", *args], capture_output=True,
-                              text=True, env=full_env, timeout=timeout, cwd=REPO)
+                              text=True, env=full_env, timeout=timeout, cwd=cwd)
 
     return run
 
 
+def run_in_process(module, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `python -m driftscope.<module> args...` run in this process through
+    cli.run, as its `__main__` does (argparse's own errors exit through SystemExit)."""
+    import contextlib
+    import io
+
+    from driftscope import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.run(f"driftscope {module.__name__.rsplit('.', 1)[-1]}", module.main, list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 2
+    return code, out.getvalue(), err.getvalue()
+
+
 def assert_one_line_error(proc, *fragments: str) -> None:
-    """Exit code 2, one line on stderr naming the problem, no traceback."""
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, proc.stderr
+    """Exit code 2, one line on stderr naming the problem, no traceback. `proc` is a CompletedProcess or the
+    (code, stdout, stderr) of run_in_process."""
+    code, stderr = (proc[0], proc[2]) if isinstance(proc, tuple) else (proc.returncode, proc.stderr)
+    lines = [l for l in stderr.strip().splitlines() if l.strip()]
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
     for f in fragments:
         assert f in lines[0], (f, lines[0])

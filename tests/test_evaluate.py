@@ -1,7 +1,11 @@
-"""evaluate on the embedded model: perplexity equals transformers' own loss, `off` is exactly zero drift,
-8-bit drift is real, bad input is one line and exit 2, and the run file holds what was printed."""
+"""evaluate on the embedded model: perplexity equals transformers' own loss, `off` is exactly zero drift (prefill and
+decode), emulated sage8's decode after short prompts is far worse than its prefill and the verdict says so, bad
+input is one line and exit 2, and the run file holds what was printed."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 
 import numpy as np
@@ -11,14 +15,16 @@ import torch
 from conftest import assert_one_line_error
 
 from driftscope import cli, store
-from driftscope.run import evaluate as evaluation
 from driftscope.config import EvaluateConfig
 from driftscope.errors import ConfigError
-from driftscope.evaluate import build_parser, main
-from driftscope.report.text import format_generations, format_summary
+from driftscope.evaluate import build_parser, config_from_args, main
 from driftscope.measure.logits import bootstrap_ppl_delta, first_divergence, logit_drift, token_nll
+from driftscope.report.text import format_evaluation
+from driftscope.run import evaluate as evaluation
 
-SMALL = dict(contexts=(32, 64), windows=2, generate=(2, 4), prompt_length=16, bootstrap=200)
+# tiny on purpose: the decode prompts cross a 64-key block (8 and 64 tokens), 4 steps each
+SMALL = dict(contexts=(32, 64), windows=2, prompt_lengths=(8, 64), decode_windows=1, decode_steps=4, generate=(1, 4),
+             generation_lengths=(8,), chat=1, bootstrap=200)
 PROG = "driftscope evaluate"
 
 
@@ -37,20 +43,24 @@ def _tables(path) -> dict[str, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def off_run(tmp_path_factory, smol):
-    out = evaluation.run_evaluate(EvaluateConfig(quant_attention="off", **SMALL), loaded=smol, progress=False,
-                              out=tmp_path_factory.mktemp("off") / "off.h5", argv=["test"])
+    folder = tmp_path_factory.mktemp("off")
+    plain = folder / "prompts.txt"
+    plain.write_text("The capital of France is\n\nOnce upon a time\n", encoding="utf-8")
+    out = evaluation.run_evaluate(EvaluateConfig(quant_attention="off", prompts_file=str(plain), **SMALL), loaded=smol,
+                                  progress=False, out=folder / "off.h5", argv=["test"])
     return out, _tables(out)
 
 
 @pytest.fixture(scope="module")
 def quant_cli_run(tmp_path_factory, smol):
-    """The 8-bit run through the CLI's main, with the `--quant_attention=8bit` spelling; (path, tables, stdout)."""
-    import contextlib
-    import io
-
-    out = tmp_path_factory.mktemp("q8") / "q8.h5"
-    argv = ["--quant_attention=8bit", "--contexts", "32,64", "--windows", "2", "--generate", "2,4",
-            "--prompt-length", "16", "--quiet", "--out", str(out)]
+    """Two emulated paths through the CLI's main, with a JSONL prompts file; (path, tables, stdout)."""
+    folder = tmp_path_factory.mktemp("q8")
+    out, prompts = folder / "q8.h5", folder / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The capital of France is"}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "Name a colour."}]}) + "\n")
+    argv = ["--paths", "sage8,sage8-nosmooth", "--contexts", "32,64", "--windows", "2", "--prompt-lengths", "8,64",
+            "--decode-steps", "4", "--generate", "1,4", "--generation-lengths", "8", "--chat", "1",
+            "--prompts-file", str(prompts), "--quiet", "--out", str(out)]
     mp = pytest.MonkeyPatch()
     mp.setattr(evaluation, "load_model", lambda *a, **k: smol)
     stdout = io.StringIO()
@@ -81,50 +91,77 @@ def test_perplexity_equals_transformers_labels_loss(off_run, smol):
         assert 3 < got < 300, got  # a trained model on English text
 
 
-def test_off_gives_exactly_zero_deltas(off_run):
+def test_off_gives_exactly_zero_deltas_in_prefill_decode_and_generations(off_run):
     _, t = off_run
     s = t["summary"]
-    assert list(s["context"]) == [32, 64] and (s["windows"] == 2).all()
-    for col in ("ppl_delta", "ci_low", "ci_high", "kl_mean", "kl_max", "max_abs_dlogit"):
+    assert list(s["context"]) == [32, 64] and (s["windows"] == 2).all() and set(s["path"]) == {"sdpa"}
+    for col in ("ppl_delta", "ppl_delta_pct", "ci_low", "ci_high", "kl_mean", "kl_max", "max_abs_dlogit"):
         assert (s[col] == 0).all(), (col, s[col].tolist())
     assert (s["top1_agree"] == 1).all()
-    assert (t["logits"][["kl_mean", "kl_max", "max_abs_dlogit"]] == 0).all().all()
     p = t["perplexity"].pivot(index="prompt", columns="side", values="nll_sum")
-    assert (p["base"] == p["quant"]).all()
+    assert (p["base"] == p["sdpa"]).all()
+    d = t["decode"]
+    assert sorted(d["prompt_length"].unique()) == [8, 64] and len(d) == 2 * 4
+    assert (d["kl"] == 0).all() and (d["top1"] == 1).all() and (d["nll_base"] == d["nll_path"]).all()
+    assert (d["kv_len"] == d["prompt_length"] + d["step"]).all()
+    assert (t["decode_prefill"]["kl_mean"] == 0).all() and (t["decode_summary"]["kl_mean"] == 0).all()
     g = t["generations"]
-    assert (g["exact_match"] == 1).all() and (g["first_divergence"] == 4).all()
-    assert (g["base_text"] == g["quant_text"]).all()
-    assert t["generation_summary"]["exact_match_rate"].item() == 1.0
-    assert set(t["perplexity"]["attn"]) == {"sdpa"}
+    assert set(g["group"]) == {"corpus-8", "chat", "file"} and len(g) == 4  # 2 lines of the plain prompts file
+    assert (g["exact_match"] == 1).all() and (g["base_text"] == g["path_text"]).all() and (g["nll_ratio"] == 1).all()
+    assert (t["nonfinite"]["nonfinite"] == 0).all()
+    v = t["verdict"]
+    assert not (v["kind"] == "flag").any() and (v["kind"] == "ok").sum() == 1
 
 
-def test_emulated_8bit_gives_finite_nonzero_deltas(quant_cli_run, smol):
+def test_emulated_sage8_decode_after_short_prompts_dwarfs_its_prefill_drift(quant_cli_run, smol):
+    """Measured on the CPU (bf16, emulated sage8, 4 steps): decode KL after 8-token prompts ~2.0 (top-1 0%)
+    against ~2.4e-3 over the same prompts' prefill (~800x); after 64 tokens (kv_len 65-68, 60-63 zero-filled
+    keys in the softmax) ~0.07 (~20x)."""
     path, t, _ = quant_cli_run
+    d = t["decode_summary"].set_index(["path", "prompt_length"])
+    short = d.loc[("sage8", 8)]
+    assert short["kl_mean"] > 0.5 and short["ratio"] > 100, short.to_dict()
+    assert short["top1"] < 0.75
     s = t["summary"]
-    cols = ["ppl_base", "ppl_quant", "ppl_delta", "ci_low", "ci_high", "kl_mean", "kl_max", "max_abs_dlogit"]
-    assert np.isfinite(s[cols].to_numpy()).all()
-    assert (s["kl_mean"] > 0).all() and (s["max_abs_dlogit"] > 0).all() and (s["ppl_delta"] != 0).all()
-    assert ((s["top1_agree"] > 0.5) & (s["top1_agree"] <= 1)).all()
+    cols = ["ppl_base", "ppl_path", "ppl_delta", "ci_low", "ci_high", "kl_mean", "kl_max", "max_abs_dlogit"]
+    assert np.isfinite(s[cols].to_numpy()).all() and (s["kl_mean"] > 0).all()
     assert (s["ci_low"] <= s["ppl_delta"]).all() and (s["ppl_delta"] <= s["ci_high"]).all()
-    assert set(t["perplexity"]["attn"]) == {"sdpa", "sage8"}
+    assert set(s["path"]) == {"sage8", "sage8-nosmooth"}
+    assert set(t["perplexity"]["side"]) == {"base", "sage8", "sage8-nosmooth"}
+    assert set(t["perplexity"]["attn"]) == {"sdpa", "sage8", "sage8-nosmooth"}
+    assert set(t["generations"]["group"]) == {"corpus-8", "chat", "file"}
     with store.open_run(path) as run:
-        assert run.environment["sage_impl"] == {"sage8": "emulate"}
+        assert run.environment["sage_impl"] == {"sage8": "emulate", "sage8-nosmooth": "emulate"}
+        assert run.environment["compared"]["paths"] == ["sage8", "sage8-nosmooth"]
         assert run.config["quant_attention"] == "8bit"
     assert smol[0].config._attn_implementation == "sdpa"  # restored
 
 
+def test_verdict_flags_the_short_prompt_decode_failure(quant_cli_run):
+    _, t, stdout = quant_cli_run
+    flags = t["verdict"][(t["verdict"]["kind"] == "flag") & (t["verdict"]["name"] == "decode_kernel")]
+    assert ("sage8", "8") in set(zip(flags["path"], flags["key"]))
+    assert "FLAG: decode drift after 8-token prompts is" in stdout
+    assert "the decode kernel, not quantization noise" in stdout
+    assert "rests on 2 windows (fewer than 10)" in stdout
+
+
 def test_run_file_tables_match_what_was_printed(quant_cli_run):
     path, t, stdout = quant_cli_run
-    assert format_summary(t["summary"], "8bit") in stdout
-    assert format_generations(t["generations"], t["generation_summary"], "8bit") in stdout
+    with store.open_run(path) as run:
+        dtype, env = run.model["dtype"], run.environment
+    assert format_evaluation(t, dtype, env["compared"], env["sage_impl"]) in stdout
+    assert "Verdict: sage8 (emulate) vs the SDPA baseline (bfloat16)" in stdout
     assert f"run file: {path}" in stdout
-    # the stored summary is exactly what the stored per-window tables give
-    again = evaluation.summarize(t["perplexity"], t["logits"], resamples=2000, seed=0)
+    # the stored summaries are exactly what the stored per-prompt tables give
+    again = evaluation.summarize(t["perplexity"], t["logits"], resamples=200, seed=0)
     pd.testing.assert_frame_equal(again, t["summary"], check_dtype=False)
+    pd.testing.assert_frame_equal(evaluation.summarize_decode(t["decode"], t["decode_prefill"]), t["decode_summary"],
+                                  check_dtype=False)
     for g in t["generations"].itertuples():
         tokens = t["generation_tokens"][t["generation_tokens"]["prompt"] == g.prompt]
-        base, quant = (tokens[tokens["side"] == s].sort_values("step")["token"].to_numpy() for s in ("base", "quant"))
-        assert first_divergence(base, quant) == g.first_divergence
+        base, other = (tokens[tokens["side"] == s].sort_values("step")["token"].to_numpy() for s in ("base", g.path))
+        assert first_divergence(base, other) == g.first_divergence
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, shared_model, run_cli):
@@ -146,11 +183,18 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, shared_model, run_cli
 def test_flag_spellings_and_config_validation():
     for spelling in (["--quant-attention", "8bit"], ["--quant_attention=8bit"], ["--quant-attention=8bit"]):
         assert build_parser().parse_args(spelling).quant_attention == "8bit"
-    assert build_parser().parse_args([]).quant_attention == "off"
+    assert config_from_args(build_parser().parse_args([])).quant_attention == "off"
+    both = config_from_args(build_parser().parse_args(["--paths", "sage8,sage8-nosmooth"]))
+    assert both.quant_attention == "8bit" and both.paths == ("sage8", "sage8-nosmooth")
     assert build_parser().parse_args(["--contexts", "512,max"]).contexts == (512, "max")
     assert EvaluateConfig(contexts=(512, "max", 8192)).resolved_contexts(8192) == (512, 8192)
+    assert evaluation.compared_paths(EvaluateConfig(quant_attention="8bit"), "cpu")[0] == ("sage8",)
+    assert evaluation.compared_paths(EvaluateConfig(), "cpu")[0] == ("sdpa",)
     for bad in (dict(contexts=(1,)), dict(contexts=("huge",)), dict(windows=0), dict(generate=(3,)),
-                dict(generate=(2, 0)), dict(quant_attention="4bit")):
+                dict(generate=(2, 0)), dict(quant_attention="4bit"), dict(paths=("fp16",)),
+                dict(paths=("sage8", "sage8")), dict(paths=("sage8",), quant_attention="off"),
+                dict(prompt_lengths=()), dict(prompt_lengths=(0,)), dict(decode_steps=0), dict(chat=99),
+                dict(prompts_file="x", generate=(0, 0))):
         with pytest.raises(ConfigError):
             EvaluateConfig(**bad)
 

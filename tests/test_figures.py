@@ -142,3 +142,49 @@ def test_paper_builds_and_fails_on_a_missing_figure(run_file, tmp_path):
     r = subprocess.run(["make", "-C", str(paper)], capture_output=True, text=True)
     assert r.returncode != 0
     assert "heatmap" in r.stdout + r.stderr
+
+
+# -- outputs checked before anything is written (issue 12) ------------------------------------------------------
+
+def _tree(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_refuses_an_output_that_is_a_file_or_unwritable(tmp_path):
+    from conftest import assert_one_line_error, run_in_process, write_capture_run
+
+    from driftscope import figures as cli_figures
+
+    run = write_capture_run(tmp_path / "s.h5")
+    (tmp_path / "some_file").write_text("keep me")
+    before = _tree(tmp_path)
+    for out, fragment in ((tmp_path / "some_file", "not a directory"), ("/proc/driftscope-figures", "/proc"),
+                          (tmp_path / "some_file" / "sub", "not a directory")):
+        assert_one_line_error(run_in_process(cli_figures, str(run), "--out", str(out)), fragment)
+    assert_one_line_error(run_in_process(cli_figures, str(run), "--out", str(tmp_path / "f"), "--tables",
+                                         str(tmp_path / "some_file")), "not a directory")
+    # a bad input after a good one: nothing written for the good one either
+    assert_one_line_error(run_in_process(cli_figures, str(run), str(tmp_path / "missing.h5"), "--out",
+                                         str(tmp_path / "f")), "missing.h5")
+    assert _tree(tmp_path) == before and not (tmp_path / "f").exists()
+
+
+def test_cli_replaces_existing_figures_only_with_overwrite(tmp_path):
+    from conftest import assert_one_line_error, run_in_process, write_capture_run
+
+    from driftscope import figures as cli_figures
+
+    run = write_capture_run(tmp_path / "s.h5")
+    out = tmp_path / "figs"
+    code, _, err = run_in_process(cli_figures, str(run), "--out", str(out), "--quiet")
+    assert code == 0, err
+    first = _tree(out)
+    assert out / "s" / "heatmap.png" in first
+    for path in first:  # mark every file, so that a rewrite shows
+        path.write_bytes(b"committed")
+    assert_one_line_error(run_in_process(cli_figures, str(run), "--out", str(out)), "already holds figures",
+                          "--overwrite")
+    assert set(_tree(out).values()) == {b"committed"}
+    code, _, err = run_in_process(cli_figures, str(run), "--out", str(out), "--quiet", "--overwrite")
+    assert code == 0, err
+    assert b"committed" not in set(_tree(out).values())

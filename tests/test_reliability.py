@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import pandas as pd
 import pytest
-from conftest import REPO, assert_one_line_error
+from conftest import REPO, assert_one_line_error, write_capture_run
 
 from driftscope import store
 
@@ -28,7 +28,7 @@ def _start(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
-    keys = ["prompt", "mode", "phase", "step", "layer", "site", "path", "metric", "head", "index"]
+    keys = ["prompt", "mode", "phase", "step", "layer", "site", "path", "metric", "head_index", "element"]
     return df.sort_values(keys).reset_index(drop=True)
 
 
@@ -188,3 +188,54 @@ def test_bad_input_on_figures_and_bench(tmp_path, run_cli):
     assert_one_line_error(run_cli("figures", str(foreign), "--out", str(tmp_path / "f")), "foreign.h5")
     assert_one_line_error(run_cli("bench", "--no-such-option"), "unrecognized arguments")
     assert_one_line_error(run_cli("bench", "--prefill", "0"), "0")
+
+
+# -- issue 12 in real processes: a handful of the in-process checks, as a user runs them ---------------------------
+
+def _tiny_args(tiny, *extra):
+    model, corpus = tiny
+    return ["--model", str(model), "--corpus", str(corpus), "--lengths", "16", "--prompts", "1", "--decode", "1",
+            "--quiet", *extra]
+
+
+def test_interpret_works_from_a_plain_shell(tmp_path, run_cli, tiny):
+    """No TRITON_INTERPRET in the environment: the command sets it before triton loads."""
+    out = tmp_path / "interp.h5"
+    proc = run_cli("capture", *_tiny_args(tiny, "--sage-impl", "interpret", "--no-figures", "--out", str(out)),
+                   env={"TRITON_INTERPRET": None})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with store.open_run(out) as run:
+        assert run.status == "complete" and run.environment["sage_impl"]["sage8"] == "interpret"
+
+
+def test_interpret_reexecutes_when_triton_was_imported_first(tmp_path, tiny):
+    out = tmp_path / "reexec.h5"
+    argv = ["capture", *_tiny_args(tiny, "--sage-impl", "interpret", "--no-figures", "--out", str(out))]
+    code = ("import runpy, sys, triton\n"
+            f"sys.argv = {argv!r}\n"
+            "runpy.run_module('driftscope.capture', run_name='__main__', alter_sys=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with store.open_run(out) as run:
+        assert run.status == "complete"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only refusal of the kernel")
+def test_refused_kernel_on_the_cpu_leaves_the_finished_run(tmp_path, run_cli, tiny):
+    done = tmp_path / "done.h5"
+    assert run_cli("capture", *_tiny_args(tiny, "--out", str(done))).returncode == 0
+    before = done.read_bytes()
+    proc = run_cli("capture", *_tiny_args(tiny, "--sage-impl", "kernel", "--overwrite", "--out", str(done)))
+    assert_one_line_error(proc, "--sage-impl kernel")
+    assert done.read_bytes() == before
+
+
+def test_summary_and_device_errors_are_one_line(tmp_path, run_cli):
+    assert_one_line_error(run_cli("summary", "experiments/results/smollm2-135m-h100-evaluate.h5"), "evaluate run")
+    assert_one_line_error(run_cli("summary", str(write_capture_run(tmp_path / "s.h5")), "--markdown", "fp16"),
+                          "reference", "sage8")
+    assert_one_line_error(run_cli("capture", "--device", "tpu", "--out", str(tmp_path / "x.h5")), "tpu")
+    assert_one_line_error(run_cli("evaluate", "--device", "tpu", "--out", str(tmp_path / "x.h5")), "tpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]

@@ -3,8 +3,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from driftscope import store
@@ -20,8 +22,9 @@ def writer(path, **kw):
 def rows(prompt, n=1000, seed=0):
     rng = np.random.default_rng(seed + prompt)
     return {"prompt": prompt, "length": 64, "mode": "propagated", "phase": "prefill", "step": 0,
-            "layer": np.arange(n) % 30, "head": np.arange(n) % 9, "site": np.array(["q", "k", "v"])[np.arange(n) % 3],
-            "path": "sage8", "metric": np.array(["cos", "rel_l2"])[np.arange(n) % 2], "index": 0,
+            "layer": np.arange(n) % 30, "head_index": np.arange(n) % 9,
+            "site": np.array(["q", "k", "v"])[np.arange(n) % 3],
+            "path": "sage8", "metric": np.array(["cos", "rel_l2"])[np.arange(n) % 2], "element": 0,
             "value": rng.standard_normal(n)}
 
 
@@ -213,3 +216,126 @@ def test_reader_sees_last_commit_of_a_live_writer(tmp_path):
     with store.open_run(p) as run:
         assert run.status == "running" and set(run.metrics().prompt) == {0}
     w.close()
+
+
+# ---------------------------------------------------------------- metrics column names and schema versions
+def schema1_file(path, n_prompts=1):
+    """A run file as driftscope/1 wrote it: metrics columns named head and index."""
+    with writer(path) as w:
+        for i in range(n_prompts):
+            old = {"head_index": "head", "element": "index"}
+            w.append("metrics", {old.get(c, c): v for c, v in rows(i, n=10).items()})
+            w.commit_prompt(i)
+    import h5py
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema"] = "driftscope/1"
+
+
+def test_metrics_columns_do_not_clash_with_pandas():
+    """df.head_index and df.element are columns (df.head and df.index were pandas' own attributes). ``mode``
+    still is DataFrame.mode: renaming it would change every derived table and figure digest; write df["mode"]."""
+    clash = [c for c in store.METRICS_COLUMNS if hasattr(pd.DataFrame, c) or hasattr(pd.Series, c)]
+    assert clash == ["mode"]
+
+
+def test_schema1_file_reads_with_the_new_names(tmp_path):
+    p = tmp_path / "old.h5"
+    schema1_file(p)
+    with store.open_run(p) as run:
+        assert run.schema == "driftscope/1"
+        df = run.metrics()
+        assert tuple(df.columns) == store.METRICS_COLUMNS
+        assert (df["head_index"].to_numpy() == np.arange(10) % 9).all() and (df["element"] == 0).all()
+        assert len(run.metrics(head_index=[0, 1], element=0)) == 3  # heads 0, 1, 0 of rows 0, 1, 9
+        assert tuple(run.table("metrics").columns) == store.METRICS_COLUMNS
+        with pytest.raises(KeyError, match="no column 'head'; its columns are .*head_index"):
+            run.metrics(head=0)
+
+
+def test_committed_schema1_results_read_with_the_new_names():
+    p = Path(__file__).resolve().parents[1] / "experiments" / "results" / "smollm2-135m-cpu-512.h5"
+    with store.open_run(p) as run:
+        assert run.schema == "driftscope/1"
+        df = run.metrics(site="attn_out", metric="rel_l2", head_index=-1)
+        assert tuple(df.columns) == store.METRICS_COLUMNS and len(df) and (df["head_index"] == -1).all()
+
+
+def test_resumed_schema1_file_keeps_its_names(tmp_path):
+    """A driftscope/1 file resumed by this driftscope stays one version: old names on disk, new names read."""
+    p = tmp_path / "old.h5"
+    schema1_file(p)
+    with writer(p, resume=True) as w:
+        w.append("metrics", rows(1, n=10))  # written by this driftscope: head_index, element
+        w.commit_prompt(1)
+    import h5py
+    with h5py.File(p, "r") as f:
+        assert f.attrs["schema"] == "driftscope/1"
+        assert "head" in json.loads(f["tables/metrics"].attrs["columns"])
+    with store.open_run(p) as run:
+        df = run.metrics()
+        assert tuple(df.columns) == store.METRICS_COLUMNS and sorted(set(df.prompt)) == [0, 1] and len(df) == 20
+
+
+def test_newer_schema_is_refused_by_name(tmp_path):
+    p = tmp_path / "new.h5"
+    with writer(p) as w:
+        w.commit_prompt(0)
+    import h5py
+    with h5py.File(p, "r+") as f:
+        f.attrs["schema"] = f"driftscope/{store.SCHEMA_MAJOR + 1}"
+    with pytest.raises(store.RunFileError, match="newer driftscope"):
+        store.open_run(p)
+
+
+def test_records_write_the_schema_columns():
+    torch = pytest.importorskip("torch")
+    from driftscope.measure.records import Context, Records
+    from driftscope.store.schema import METRICS_DTYPES
+
+    rec = Records(context=Context(prompt=3, length=16))
+    rec.add(2, "attn_out", "sage8", "rel_l2", torch.tensor([0.1, 0.2]))
+    rec.add(2, "k", "fp16", "absmax_channel", torch.tensor([5.0, 6.0]), heads=False, head=1,
+            index=torch.tensor([7, 9]))
+    cols = rec.columns()
+    assert tuple(cols) == store.METRICS_COLUMNS
+    assert cols["head_index"].tolist() == [0, 1, 1, 1] and cols["element"].tolist() == [-1, -1, 7, 9]
+    for name, dtype in METRICS_DTYPES.items():
+        assert cols[name].dtype == dtype or (dtype is object and cols[name].dtype.kind == "U"), name
+    empty = Records().columns()
+    assert tuple(empty) == store.METRICS_COLUMNS and all(len(a) == 0 for a in empty.values())
+    assert empty["site"].dtype.kind == "U" and empty["head_index"].dtype == np.int32
+
+
+# ---------------------------------------------------------------- a run that finished no prompt
+@pytest.mark.parametrize("how", ["no table", "zero rows"])
+def test_run_with_zero_prompts_has_empty_metrics(tmp_path, how):
+    from driftscope.measure.records import Records
+    from driftscope.report import tables, text
+
+    p = tmp_path / "empty.h5"
+    w = writer(p)
+    if how == "zero rows":  # a prompt that recorded nothing: the table exists with no rows
+        w.append("metrics", Records().columns())
+        w.commit_prompt(0)
+    w.close("interrupted")
+    with store.open_run(p) as run:
+        assert run.status == "interrupted" and len(run.prompts()) == 0
+        df = run.metrics()
+        assert df.empty and tuple(df.columns) == store.METRICS_COLUMNS
+        assert df["value"].dtype == np.float64 and df["head_index"].dtype == np.int32 and df["site"].dtype == object
+        assert run.metrics(site="attn_out", head_index=-1).empty and run.table("metrics").empty
+        with pytest.raises(KeyError, match="no column 'head'"):
+            run.metrics(head=0)
+    # what summary and figures do with it: an empty summary, one clear AnalysisError
+    assert text.layer_summary(df).empty and "no attention-output" in text.format_layer_summary(text.layer_summary(df))
+    with pytest.raises(tables.AnalysisError, match="empty"):
+        tables.head_drift(df)
+
+
+def test_evaluate_run_has_no_metrics(tmp_path):
+    p = tmp_path / "ev.h5"
+    with store.RunWriter(p, kind="evaluate", argv=[], config={}, environment={}) as w:
+        w.append("summary", {"context": [64], "ppl_base": [1.0]})
+        w.commit_prompt(0)
+    with store.open_run(p) as run, pytest.raises(KeyError, match="holds no table 'metrics'"):
+        run.metrics()

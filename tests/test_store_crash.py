@@ -36,9 +36,10 @@ def prompt_rows(i):
     rng = np.random.default_rng(1000 + i)
     r = np.arange(N_ROWS)
     return {"prompt": i, "length": 512, "mode": np.array(["propagated", "isolated"])[r % 2], "phase": "prefill",
-            "step": 0, "layer": (r // 2) % 30, "head": (r // 60) % 9, "site": np.array(["q", "k", "v", "attn_out"])[r % 4],
+            "step": 0, "layer": (r // 2) % 30, "head_index": (r // 60) % 9,
+            "site": np.array(["q", "k", "v", "attn_out"])[r % 4],
             "path": "sage8", "metric": np.array(["cos", "rel_l2", "rel_l1", "rmse", "max_abs"])[r % 5],
-            "index": r % 7, "value": rng.standard_normal(N_ROWS)}
+            "element": r % 7, "value": rng.standard_normal(N_ROWS)}
 
 
 def prompt_tensor(i, layer):

@@ -4,6 +4,9 @@ Logits arrive in the model's dtype (bf16/fp16), as transformers returns them. Ev
 float32 before `log_softmax`, exactly as transformers' own `labels=` loss does (`ForCausalLMLoss` calls
 `logits.float()`), and works on slices of positions so that an 8k-token window never needs a float32 copy
 of all its logits. Identical logits give exactly KL 0, top-1 agreement 1 and max |Δlogit| 0.
+
+`next_token_drift` (teacher-forced decode, per step) works in float64 from float32 logits: a decode KL of 1e-4
+must not drown in float32 rounding of log-probabilities of a 49k-token vocabulary.
 """
 from __future__ import annotations
 
@@ -44,6 +47,42 @@ def logit_drift(base_TxV: torch.Tensor, test_TxV: torch.Tensor, chunk: int = CHU
         dmax = max(dmax, (t_CxV - b_CxV).abs().max().item())
     return {"positions": T, "kl_mean": kl_sum / T, "kl_max": kl_max, "top1_agree": agree / T,
             "max_abs_dlogit": dmax}
+
+
+def next_token_drift(base_NxV: torch.Tensor, test_NxV: torch.Tensor, target_N: torch.Tensor | None = None,
+                     chunk: int = 256) -> dict[str, np.ndarray]:
+    """Per position n, float64 arrays [N]: kl = KL(base ‖ test) of the next-token distributions, top1 = 1 where
+    both argmaxes agree, and, with `target`, nll_base / nll_test = −log p(target[n]) on each side.
+
+    Logits are upcast to float64 (from float32 or the model's dtype) before `log_softmax`; identical logits give
+    exactly kl 0 and equal NLLs."""
+    if base_NxV.shape != test_NxV.shape:
+        raise ValueError(f"logit shapes differ: {tuple(base_NxV.shape)} vs {tuple(test_NxV.shape)}")
+    out = {k: [] for k in ("kl", "top1", "nll_base", "nll_test")}
+    for s in range(0, base_NxV.shape[0], chunk):
+        lb_CxV = torch.log_softmax(base_NxV[s:s + chunk].double(), dim=-1)
+        lt_CxV = torch.log_softmax(test_NxV[s:s + chunk].double(), dim=-1)
+        out["kl"].append((lb_CxV.exp() * (lb_CxV - lt_CxV)).sum(-1))
+        out["top1"].append((base_NxV[s:s + chunk].argmax(-1) == test_NxV[s:s + chunk].argmax(-1)).double())
+        if target_N is not None:
+            t_Cx1 = target_N[s:s + chunk].to(lb_CxV.device).view(-1, 1)
+            out["nll_base"].append(-lb_CxV.gather(-1, t_Cx1)[:, 0])
+            out["nll_test"].append(-lt_CxV.gather(-1, t_Cx1)[:, 0])
+    return {k: torch.cat(v).cpu().numpy() for k, v in out.items() if v}
+
+
+def next_token_nll(logits_NxV: torch.Tensor, target_N: torch.Tensor, chunk: int = 256) -> np.ndarray:
+    """−log p(target[n]) of each next-token distribution, float64 [N] (upcast before `log_softmax`)."""
+    out = []
+    for s in range(0, logits_NxV.shape[0], chunk):
+        lp_CxV = torch.log_softmax(logits_NxV[s:s + chunk].double(), dim=-1)
+        out.append(-lp_CxV.gather(-1, target_N[s:s + chunk].to(lp_CxV.device).view(-1, 1))[:, 0])
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+
+
+def count_nonfinite(logits: torch.Tensor) -> int:
+    """How many values of `logits` are NaN or ±inf."""
+    return int(torch.isfinite(logits).logical_not().sum().item())
 
 
 def perplexity(nll_sums, tokens) -> float:

@@ -86,15 +86,15 @@ def drift_numbers(df: pd.DataFrame) -> dict[str, str]:
     d = df[df["length"] == length]
     for path, role in ROLES.items():
         p = d[d["path"] == path]
-        heads = p[(p["site"] == "attn_out") & (p["mode"] == mode) & (p["metric"] == "rel_l2") & (p["head"] >= 0)]
-        pre = heads[heads["phase"] == "prefill"].groupby(["layer", "head"])["value"].mean()
-        dec = heads[heads["phase"] == "decode"].groupby(["layer", "head"])["value"].mean()
+        heads = p[(p["site"] == "attn_out") & (p["mode"] == mode) & (p["metric"] == "rel_l2") & (p["head_index"] >= 0)]
+        pre = heads[heads["phase"] == "prefill"].groupby(["layer", "head_index"])["value"].mean()
+        dec = heads[heads["phase"] == "decode"].groupby(["layer", "head_index"])["value"].mean()
         out[f"ds{role}AttnMedian"] = num(pre.median()) if len(pre) else NA
         out[f"ds{role}AttnMax"] = num(pre.max()) if len(pre) else NA
         out[f"ds{role}AttnMaxLayer"] = num(int(pre.idxmax()[0])) if len(pre) else NA
         out[f"ds{role}AttnMaxHead"] = num(int(pre.idxmax()[1])) if len(pre) else NA
         out[f"ds{role}AttnDecodeMedian"] = num(dec.median()) if len(dec) else NA
-        prop = p[(p["mode"] == "propagated") & (p["head"] == -1)]
+        prop = p[(p["mode"] == "propagated") & (p["head_index"] == -1)]
         resid = prop[(prop["site"] == "resid") & (prop["metric"] == "rel_l2")]
         for phase, tag in (("prefill", ""), ("decode", "Decode")):
             r = resid[resid["phase"] == phase]
@@ -105,7 +105,7 @@ def drift_numbers(df: pd.DataFrame) -> dict[str, str]:
             cos = lg[lg["metric"] == "cosine"]["value"].mean() if len(lg) else np.nan
             out[f"ds{role}LogitsOneMinusCos{tag}"] = num(1 - cos if np.isfinite(cos) else np.nan)
     half, sage = (d[(d["path"] == p) & (d["site"] == "attn_out") & (d["mode"] == mode) & (d["phase"] == "prefill")
-                    & (d["metric"] == "rel_l2") & (d["head"] >= 0)]["value"] for p in ("fp16", "sage8"))
+                    & (d["metric"] == "rel_l2") & (d["head_index"] >= 0)]["value"] for p in ("fp16", "sage8"))
     ratio = sage.median() / half.median() if len(half) and len(sage) and half.median() > 0 else np.nan
     out["dsSageOverHalf"] = num(ratio, 2)
     out["dsAttnMode"] = mode

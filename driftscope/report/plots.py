@@ -424,3 +424,77 @@ def throughput_memory(df: pd.DataFrame, save_to=None, close: bool = True) -> plt
         ax.legend()
     _suptitle(fig, df, "What the 8-bit path buys", "measured in one benchmark run")
     return _finish(fig, save_to, close)
+
+
+# -- the decode kernel ---------------------------------------------------------------------------------
+
+KV_BLOCK = 64  # SageAttention's key block: 1.0.6's decode kernel counts the padded keys of the last block
+
+
+@styled
+def decode_kl(df: pd.DataFrame, save_to=None, close: bool = True) -> plt.Figure:
+    """Teacher-forced decode KL(base ‖ path) against the prompt length and against kv_len mod 64.
+
+    Contract: ``df`` has columns path (str), prompt_length (int, tokens), kv_len (int, keys the decode step
+    attends to), kl (float, nats; mean over windows) and prefill_kl (float: the prefill KL of the same prompts, mean
+    over their positions and windows), one row per (path, prompt_length, kv_len) (``figures.decode_table`` builds it
+    from an evaluate run's ``decode`` and ``decode_prefill`` tables). Panel (a): mean over steps per prompt length,
+    the prefill KL of the same prompts dashed; panel (b): every step against kv_len mod 64 (1.0.6's decode kernel
+    counts 64 − (kv_len mod 64) zero keys in its softmax when kv_len mod 64 ≠ 0).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    lengths = sorted(df["prompt_length"].unique())
+    markers = dict(zip(lengths, "os^DvP*X"))
+    for p in dict.fromkeys(df["path"]):
+        s = df[df["path"] == p]
+        by = s.groupby("prompt_length")[["kl", "prefill_kl"]].mean()
+        axes[0].plot(by.index, by["kl"], "-o", ms=4, color=path_color(p), label=f"{p}, decode")
+        axes[0].plot(by.index, by["prefill_kl"], "--", marker=".", color=path_color(p), alpha=0.7,
+                     label=f"{p}, prefill of the same prompts")
+        for length in lengths:
+            t = s[s["prompt_length"] == length]
+            axes[1].scatter(t["kv_len"] % KV_BLOCK, t["kl"], s=14, marker=markers[length], color=path_color(p),
+                            alpha=0.75, label=f"{p}, {length}-token prompts")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xticks(lengths, [str(n) for n in lengths])
+    axes[0].set_xlabel("prompt length (tokens)")
+    axes[0].set_title("(a) decode vs prefill drift")
+    axes[1].set_xlabel(f"kv_len mod {KV_BLOCK} (keys in the last {KV_BLOCK}-key block)")
+    axes[1].set_xlim(-1, KV_BLOCK)
+    axes[1].set_title("(b) each decode step")
+    for ax in axes:
+        ax.set_ylabel("KL(base ‖ path) (nats per token)")
+        _log_or_linear(ax, df[["kl", "prefill_kl"]].to_numpy().ravel())
+        ax.legend(fontsize=7)
+    _suptitle(fig, df, "Teacher-forced decode drift", "the baseline's greedy continuation fed to every side")
+    return _finish(fig, save_to, close)
+
+
+@styled
+def decode_drift_vs_kv(df: pd.DataFrame, save_to=None, close: bool = True) -> plt.Figure:
+    """Capture's decode-step attention-output relative L2 against kv_len mod 64.
+
+    Contract: ``df`` has columns path (str), mode (str), length (int, prompt tokens), step (int), kv_len (int =
+    length + step), value (float: the step's attn_out rel-L2 over all heads, mean over layers and prompts), one row
+    per (path, mode, length, step) (``figures.capture_decode_table`` builds it from a capture's metrics).
+    """
+    modes = list(dict.fromkeys(df["mode"]))
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.8), squeeze=False, constrained_layout=True)
+    lengths = sorted(df["length"].unique())
+    markers = dict(zip(lengths, "os^DvP*X"))
+    for ax, mode in zip(axes[0], modes):
+        for p in dict.fromkeys(df["path"]):
+            for length in lengths:
+                t = df[(df["mode"] == mode) & (df["path"] == p) & (df["length"] == length)]
+                if not t.empty:
+                    ax.scatter(t["kv_len"] % KV_BLOCK, t["value"], s=14, marker=markers[length], color=path_color(p),
+                               alpha=0.8, label=f"{p}, {length}-token prompts")
+        ax.set_xlabel(f"kv_len mod {KV_BLOCK}")
+        ax.set_xlim(-1, KV_BLOCK)
+        ax.set_ylabel(f"attn_out {METRIC_LABELS['rel_l2']}")
+        ax.set_title(f"{mode} mode, decode steps")
+        _log_or_linear(ax, df.loc[df["mode"] == mode, "value"])
+        ax.legend(fontsize=7)
+    _suptitle(fig, df, "Decode-step attention drift against the last key block's fill",
+              "mean over layers and prompts; kv_len = prompt length + step")
+    return _finish(fig, save_to, close)

@@ -1,11 +1,13 @@
 """The tables behind driftscope's figures: pure transforms of a run's tidy metrics DataFrame.
 
 Every function takes the DataFrame of ``open_run(path).metrics()`` (columns prompt, length, mode, phase, step,
-layer, head, site, path, metric, index, value; see ``records.py``) and returns a small, readable DataFrame.
+layer, head_index, site, path, metric, element, value; see ``records.py``) and returns a small, readable DataFrame.
 ``figures.py`` writes each of them as the CSV digest of its figure, so what a figure shows can be checked
 without looking at pixels.
 
 Conventions, the same in every function:
+- the tables name their columns by what they hold: the metrics' ``head_index`` becomes ``head`` (a query head)
+  or ``kv_head``, its ``element`` becomes ``position``, ``channel`` or ``rank``;
 - values are the mean over prompts (and over decode steps for phase ``decode``);
 - ``length=None`` means the longest prompt length in the run;
 - the reference is the run's first path; it is named by ``df.attrs["reference"]`` when set, otherwise it is
@@ -89,8 +91,8 @@ def head_drift(df: pd.DataFrame, metric: str = "rel_l2", mode: str = "isolated",
                site: str = "attn_out", length: int | None = None) -> pd.DataFrame:
     """Drift per (path, layer, head) of each compared path; columns path, layer, head, value."""
     d = _pick(df, length, mode=mode, phase=phase, site=site, metric=metric)
-    d = _need(d[d["head"] >= 0], f"{mode} {phase} {site} {metric} per head", df)
-    return _mean(d, ["path", "layer", "head"])
+    d = _need(d[d["head_index"] >= 0], f"{mode} {phase} {site} {metric} per head", df)
+    return _mean(d, ["path", "layer", "head_index"]).rename(columns={"head_index": "head"})
 
 
 def depth_drift(df: pd.DataFrame, mode: str = "propagated", length: int | None = None) -> pd.DataFrame:
@@ -99,7 +101,7 @@ def depth_drift(df: pd.DataFrame, mode: str = "propagated", length: int | None =
     metric is ``one_minus_cosine`` (1 - cosine, so that small drifts show on a log axis) or ``rel_l2``. The
     logits' drift is included as layer = number of layers (one past the last decoder layer).
     """
-    d = _pick(df, length, mode=mode, site=["resid", "logits"], head=-1, metric=["cosine", "rel_l2"])
+    d = _pick(df, length, mode=mode, site=["resid", "logits"], head_index=-1, metric=["cosine", "rel_l2"])
     d = _need(d, f"{mode} resid drift", df).copy()
     n_layers = int(d.loc[d["site"] == "resid", "layer"].max()) + 1 if (d["site"] == "resid").any() else 0
     d.loc[d["site"] == "logits", "layer"] = n_layers
@@ -113,7 +115,7 @@ def position_drift(df: pd.DataFrame, length: int | None = None) -> pd.DataFrame:
     """Relative L2 per token-position bin at the longest context; columns path, mode, site, layer, position,
     value. Prefill only (that is where whole sequences are compared)."""
     d = _pick(df, length, phase="prefill", metric="rel_l2_pos")
-    d = _need(d, "per-position rel-L2 (rel_l2_pos)", df).rename(columns={"index": "position"})
+    d = _need(d, "per-position rel-L2 (rel_l2_pos)", df).rename(columns={"element": "position"})
     return _mean(d, ["path", "mode", "site", "layer", "position"])
 
 
@@ -142,8 +144,8 @@ def position_summary(df: pd.DataFrame, length: int | None = None) -> pd.DataFram
 
 def kv_group(df: pd.DataFrame) -> int:
     """Query heads per KV head, from the head counts the run holds (q/attn_out vs k)."""
-    hq = df.loc[(df["site"] == "attn_out") & (df["head"] >= 0), "head"].max()
-    hk = df.loc[(df["site"] == "k") & (df["head"] >= 0), "head"].max()
+    hq = df.loc[(df["site"] == "attn_out") & (df["head_index"] >= 0), "head_index"].max()
+    hk = df.loc[(df["site"] == "k") & (df["head_index"] >= 0), "head_index"].max()
     if pd.isna(hq) or pd.isna(hk):
         return 1
     return max(1, (int(hq) + 1) // (int(hk) + 1))
@@ -163,11 +165,11 @@ def smoothing_table(df: pd.DataFrame, length: int | None = None) -> pd.DataFrame
     - effect: "helps" (qk_reduction > 1.05), "hurts" (< 1/1.05) or "neutral"
     """
     d = _pick(df, length, site="k", phase="prefill", metric=["channel_bias", "k_quant_err", "qk_quant_err"])
-    d = _need(d[d["head"] >= 0], "smoothing-K statistics (channel_bias, k_quant_err, qk_quant_err)", df)
+    d = _need(d[d["head_index"] >= 0], "smoothing-K statistics (channel_bias, k_quant_err, qk_quant_err)", df)
     d = d.assign(column=np.where(d["metric"] == "channel_bias", "channel_bias",
                                  d["metric"].str.replace("_quant_err", "_err", regex=False)
                                  + np.where(d["path"] == NOSMOOTH, "_nosmooth", "_smooth")))
-    t = d.groupby(["layer", "head", "column"], observed=True)["value"].mean().unstack("column")
+    t = d.groupby(["layer", "head_index", "column"], observed=True)["value"].mean().unstack("column")
     t.index = t.index.set_names(["layer", "kv_head"])
     for c in ("channel_bias", "k_err_smooth", "k_err_nosmooth", "qk_err_smooth", "qk_err_nosmooth"):
         if c not in t:
@@ -194,10 +196,10 @@ def attn_out_by_variant(df: pd.DataFrame, length: int | None = None, per_head: b
     head; columns path, layer, head, value. None unless both paths have attention-output drift rows."""
     mode = available_mode(df, "attn_out")
     d = _pick(df, length, mode=mode, phase="prefill", site="attn_out", metric="rel_l2", path=[SAGE, NOSMOOTH])
-    d = d[d["head"] >= 0] if per_head else d[d["head"] == -1]
+    d = d[d["head_index"] >= 0] if per_head else d[d["head_index"] == -1]
     if d.empty or d["path"].nunique() < 2:
         return None
-    return _mean(d, ["path", "layer", "head"])
+    return _mean(d, ["path", "layer", "head_index"]).rename(columns={"head_index": "head"})
 
 
 def smoothing_by_layer(df: pd.DataFrame, length: int | None = None) -> pd.DataFrame:
@@ -258,9 +260,9 @@ def worst_k_head(df: pd.DataFrame, length: int | None = None) -> tuple[int, int]
         row = t.loc[t["qk_err_nosmooth"].idxmax()]
         return int(row["layer"]), int(row["kv_head"])
     d = _pick(df, length, site="k", metric="channel_max_median", phase="prefill", path=reference(df))
-    d = _need(d[d["head"] >= 0], "K outlier statistics", df)
-    row = _mean(d, ["layer", "head"]).sort_values("value").iloc[-1]
-    return int(row["layer"]), int(row["head"])
+    d = _need(d[d["head_index"] >= 0], "K outlier statistics", df)
+    row = _mean(d, ["layer", "head_index"]).sort_values("value").iloc[-1]
+    return int(row["layer"]), int(row["head_index"])
 
 
 def k_channel_profile(df: pd.DataFrame, layer: int, kv_head: int, k_TxD: np.ndarray | None = None,
@@ -274,13 +276,13 @@ def k_channel_profile(df: pd.DataFrame, layer: int, kv_head: int, k_TxD: np.ndar
     ``k_TxD`` is the stored K of that head, [tokens, head_dim], of prompt ``prompt``; with it, every statistic
     comes from that prompt, otherwise they are means over the prompts of the longest length.
     """
-    d = _pick(df, length, site="k", phase="prefill", path=reference(df), layer=layer, head=kv_head,
+    d = _pick(df, length, site="k", phase="prefill", path=reference(df), layer=layer, head_index=kv_head,
               metric=["absmax_channel", "absmax_channel_smoothed"])
     if prompt is not None:
         d = d[d["prompt"] == prompt]
     _need(d[d["metric"] == "absmax_channel"], f"K absmax_channel profile for layer {layer}, KV head {kv_head}", df)
     names = {"absmax_channel": "absmax", "absmax_channel_smoothed": "absmax smoothed"}
-    prof = _mean(d, ["metric", "index"]).rename(columns={"index": "channel"})
+    prof = _mean(d, ["metric", "element"]).rename(columns={"element": "channel"})
     prof["statistic"] = prof["metric"].map(names)
     parts = [prof]
     if k_TxD is not None:
@@ -305,7 +307,7 @@ def massive_activations(df: pd.DataFrame, path: str | None = None, length: int |
               metric=["massive_value", "massive_token", "massive_channel"])
     d = _need(d, f"massive activations of {path}", df)
     d = d[d["prompt"] == d["prompt"].min()]
-    t = d.pivot_table(index=["layer", "index"], columns="metric", values="value", aggfunc="first", observed=True)
+    t = d.pivot_table(index=["layer", "element"], columns="metric", values="value", aggfunc="first", observed=True)
     t = t.rename(columns={"massive_value": "value", "massive_token": "token", "massive_channel": "channel"})
     t.index = t.index.set_names(["layer", "rank"])
     t = t.reset_index()
@@ -319,7 +321,7 @@ def outlier_summary(df: pd.DataFrame, length: int | None = None) -> pd.DataFrame
     d = _pick(df, length, phase="prefill", path=reference(df), site=["q", "k", "v", "attn_out", "resid"],
               metric=["absmax", "channel_max_median", "kurtosis", "frac_6sigma"])
     d = _need(d, "outlier statistics", df)
-    d = _mean(d, ["site", "layer", "metric", "head", "prompt"])
+    d = _mean(d, ["site", "layer", "metric", "head_index", "prompt"])
     return d.groupby(["site", "layer", "metric"], observed=True)["value"].max().reset_index()
 
 

@@ -1,5 +1,5 @@
 """Terminal and Markdown text made only from stored tables: a capture's per-layer worst-head summary, an evaluate
-run's summary and generations."""
+run's summary, teacher-forced decode, generations and verdict."""
 from __future__ import annotations
 
 import textwrap
@@ -7,51 +7,82 @@ import textwrap
 import pandas as pd
 
 SUMMARY_COLUMNS = {  # stored column -> (printed header, format)
+    "path": ("path", "{}"),
     "context": ("context", "{:d}"),
     "windows": ("windows", "{:d}"),
     "ppl_base": ("ppl base", "{:.4f}"),
-    "ppl_quant": ("ppl {quant}", "{:.4f}"),
-    "ppl_delta": ("Δppl", "{:+.4f}"),
-    "ci": ("Δppl 95% CI", "[{:+.4f}, {:+.4f}]"),
+    "ppl_path": ("ppl path", "{:.4f}"),
+    "ppl_delta_pct": ("Δppl", "{:+.3f}%"),
+    "ci": ("Δppl 95% CI", "[{:+.3f}%, {:+.3f}%]"),
     "kl_mean": ("KL mean", "{:.3e}"),
     "kl_max": ("KL max", "{:.3e}"),
     "top1_agree": ("top-1 agree", "{:.4f}"),
     "max_abs_dlogit": ("max |Δlogit|", "{:.4f}"),
 }
+DECODE_COLUMNS = {  # decode_summary column -> (printed header, format)
+    "path": ("path", "{}"),
+    "prompt_length": ("prompt", "{:d}"),
+    "windows": ("windows", "{:d}"),
+    "steps": ("steps", "{:d}"),
+    "kl_mean": ("decode KL", "{:.3e}"),
+    "kl_max": ("KL max", "{:.3e}"),
+    "top1": ("top-1", "{:.3f}"),
+    "nll_base": ("NLL base", "{:.3f}"),
+    "nll_path": ("NLL path", "{:.3f}"),
+    "prefill_kl": ("prefill KL", "{:.3e}"),
+    "ratio": ("decode/prefill", "{:.1f}"),
+}
 
 
-def format_summary(summary: pd.DataFrame, quant: str = "8bit") -> str:
-    """The per-context table: perplexity of both sides, the delta and its CI, and logit drift."""
+def _table(df: pd.DataFrame, columns: dict) -> str:
     rows = []
-    for r in summary.itertuples(index=False):
+    for r in df.itertuples(index=False):
         row = {}
-        for col, (header, fmt) in SUMMARY_COLUMNS.items():
-            values = (r.ci_low, r.ci_high) if col == "ci" else (getattr(r, col),)
-            values = tuple(int(v) if fmt == "{:d}" else float(v) for v in values)
-            row[header.format(quant=quant)] = fmt.format(*values)
+        for col, (header, fmt) in columns.items():
+            if col == "ci":
+                values = (r.ci_low_pct, r.ci_high_pct)
+            else:
+                value = getattr(r, col)
+                values = (int(value) if "d}" in fmt else str(value) if fmt == "{}" else float(value),)
+            row[header] = fmt.format(*values)
         rows.append(row)
     return pd.DataFrame(rows).to_string(index=False)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """The per-(path, context) table: perplexity of both sides, the delta in percent with its 95% interval, and
+    the prefill logit drift."""
+    return _table(summary, SUMMARY_COLUMNS)
+
+
+def format_decode(decode_summary: pd.DataFrame) -> str:
+    """The per-(path, prompt length) table of teacher-forced decode: KL(base ‖ path), top-1, the baseline tokens'
+    NLL on each side, and the prefill KL of the same prompts."""
+    return _table(decode_summary, DECODE_COLUMNS)
 
 
 def _flat(text: str) -> str:
     return text.replace("\r", "").replace("\n", "⏎ ")
 
 
-def format_generations(gen: pd.DataFrame, gen_summary: pd.DataFrame | None = None, quant: str = "8bit",
-                       width: int = 48) -> str:
-    """Each greedy continuation of the base and quant sides side by side, with where they first diverge."""
+def format_generations(gen: pd.DataFrame, gen_summary: pd.DataFrame | None = None, width: int = 48) -> str:
+    """Each path's greedy continuation beside the baseline's, with where they first diverge and how likely the
+    baseline finds each (mean NLL per token; the ratio tells garbage from a harmless flip)."""
     lines = []
     if gen_summary is not None and len(gen_summary):
-        s = gen_summary.iloc[0]
-        lines.append(f"exact match {s.exact_match_rate:.2%} of {int(s.prompts)} prompts; mean tokens before the "
-                     f"first divergence {s.mean_first_divergence:.2f} of {int(s.new_tokens)}")
+        for s in gen_summary.itertuples(index=False):
+            lines.append(f"{s.path}, {s.group}: exact match {s.exact_match_rate:.0%} of {int(s.prompts)} prompts; "
+                         f"mean tokens before the first divergence {s.mean_first_divergence:.1f} of "
+                         f"{int(s.new_tokens)}; NLL under the baseline {s.nll_path_cont:.2f} vs its own "
+                         f"{s.nll_base_cont:.2f} (ratio {s.nll_ratio:.2f})")
     for g in gen.itertuples(index=False):
-        verdict = "identical" if g.exact_match else f"diverges after {g.first_divergence} of {g.new_tokens} tokens"
+        verdict = ("identical" if g.exact_match else f"diverges after {g.first_divergence} tokens; NLL under the "
+                   f"baseline {g.nll_path_cont:.2f} vs {g.nll_base_cont:.2f} (ratio {g.nll_ratio:.2f})")
         lines.append(f"\nprompt {g.prompt} ({g.source}, {g.prompt_tokens} tokens, ends "
-                     f"…{_flat(g.prompt_text)[-40:]!r}): {verdict}")
+                     f"…{_flat(g.prompt_text)[-40:]!r}), {g.path}: {verdict}")
         left = textwrap.wrap(_flat(g.base_text), width) or [""]
-        right = textwrap.wrap(_flat(g.quant_text), width) or [""]
-        lines.append(f"  {'base':<{width}} | {quant}")
+        right = textwrap.wrap(_flat(g.path_text), width) or [""]
+        lines.append(f"  {'base':<{width}} | {g.path}")
         for i in range(max(len(left), len(right))):
             a = left[i] if i < len(left) else ""
             b = right[i] if i < len(right) else ""
@@ -59,12 +90,33 @@ def format_generations(gen: pd.DataFrame, gen_summary: pd.DataFrame | None = Non
     return "\n".join(lines)
 
 
+def format_evaluation(tables: dict[str, pd.DataFrame], dtype: str = "", compared: dict | None = None,
+                      impls: dict | None = None) -> str:
+    """What `python -m driftscope.evaluate` prints, from the run file's tables: perplexity and prefill logits,
+    teacher-forced decode, generations, then the verdict (stored in the `verdict` table, else rebuilt). `compared`
+    and `impls` are the run's environment["compared"] and ["sage_impl"]."""
+    from driftscope.report import verdict
+
+    base = f"the SDPA baseline{f' ({dtype})' if dtype else ''}"
+    how = f" [{compared.get('flag')}: {compared.get('by')}]" if compared else ""
+    parts = [f"Compared with {base}{how}. KL(base ‖ path) in nats per token; Δppl = path − base.",
+             "\nPerplexity and prefill logits, per context:", format_summary(tables["summary"])]
+    if "decode_summary" in tables:
+        parts += ["\nTeacher-forced decode (the baseline's greedy continuation fed to every side), per prompt length:",
+                  format_decode(tables["decode_summary"])]
+    if "generations" in tables:
+        parts += ["\nGreedy generations:", format_generations(tables["generations"], tables.get("generation_summary"))]
+    rows = tables["verdict"] if "verdict" in tables else verdict.verdict_rows(tables)
+    parts += ["", verdict.format_verdict(rows, base, impls)]
+    return "\n".join(parts)
+
+
 def layer_summary(df: pd.DataFrame, site: str = "attn_out") -> pd.DataFrame:
     """Per layer, the worst head's cosine (min) and rel-L2 (max) for each mode, phase and path.
 
     Rows: layer. Columns: (mode, phase, path, metric). Decode values are the worst over all steps.
     """
-    d = df[(df["site"] == site) & (df["head"] >= 0) & (df["metric"].isin(["cosine", "rel_l2"]))]
+    d = df[(df["site"] == site) & (df["head_index"] >= 0) & (df["metric"].isin(["cosine", "rel_l2"]))]
     if d.empty:
         return pd.DataFrame()
     worst = d.groupby(["layer", "mode", "phase", "path", "metric"], observed=True)["value"].agg(["min", "max"])
@@ -74,12 +126,18 @@ def layer_summary(df: pd.DataFrame, site: str = "attn_out") -> pd.DataFrame:
 
 
 def format_layer_summary(table: pd.DataFrame) -> str:
+    """`layer_summary` for a terminal: one block per compared path (rows: layer; columns: mode, phase, cos and
+    relL2), so that the width does not grow with the number of paths (about 90 columns for both modes)."""
     if table.empty:
         return "(no attention-output drift rows in this run)"
-    flat = table.copy()
-    flat.columns = [" ".join(str(c) for c in col).replace("cosine", "cos").replace("rel_l2", "relL2")
-                    for col in flat.columns]
-    return flat.to_string(float_format=lambda v: f"{v:.6f}")
+    blocks = []
+    for path in dict.fromkeys(table.columns.get_level_values("path")):
+        sub = table.xs(path, axis=1, level="path")
+        sub = sub.rename(columns={"cosine": "cos", "rel_l2": "relL2"}, level="metric")
+        sub.columns.names = [None] * sub.columns.nlevels
+        sub.index.name = "layer"
+        blocks.append(f"{path}:\n" + sub.to_string(float_format=lambda v: f"{v:.6f}"))
+    return "\n\n".join(blocks)
 
 
 def markdown_layer_summary(table: pd.DataFrame, path: str) -> str:

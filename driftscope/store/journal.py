@@ -20,7 +20,8 @@ Protocol (the same idea as SQLite's rollback journal):
 
 A kill loses the OS process, not the page cache, so completed ``write()`` calls are all there afterwards:
 SIGKILL, OOM kills and crashes are covered. A power loss is covered only for data committed with fsync.
-Readers never modify a file: :class:`RecoveredView` presents ``S`` by overlaying the journal's pages.
+Readers never modify a file: :class:`RecoveredView` presents ``S`` by overlaying the journal's pages (and
+checks every global heap collection HDF5 reads, see ``heapcheck.py``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ import os
 import struct
 import threading
 import zlib
+
+from .heapcheck import check_read
+from .schema import RunFileError
 
 PAGE = 4096
 MAGIC = b"DSJRNL01"
@@ -186,9 +190,8 @@ class JournaledFile:
 
     def readinto(self, buf) -> int:
         with self.lock:
-            data = os.pread(self.fd, len(buf), self.pos)
+            data = self.read(len(buf))
             buf[: len(data)] = data
-            self.pos += len(data)
             return len(data)
 
     def read(self, n: int = -1) -> bytes:
@@ -196,6 +199,8 @@ class JournaledFile:
             if n is None or n < 0:
                 n = max(os.fstat(self.fd).st_size - self.pos, 0)
             data = os.pread(self.fd, n, self.pos)
+            if data[:4] == b"GCOL":  # resuming a damaged file must not hang either (see heapcheck)
+                check_read(data, self.pos, os.fstat(self.fd).st_size, self.path)
             self.pos += len(data)
             return data
 
@@ -232,10 +237,16 @@ class JournaledFile:
 
 
 class RecoveredView:
-    """A read-only file object showing the last committed state of a file with a hot journal."""
+    """The read-only file object readers hand to HDF5: the file's last committed state.
 
-    def __init__(self, fd: int, base: int, entries: list[tuple[int, bytes]]):
-        self.fd, self.base, self.entries, self.pos = fd, base, entries, 0
+    That is the file itself, with a hot journal's original pages overlaid (``entries``; none when the file is
+    at a commit), cut at the committed length ``base``. Every read that starts a global heap collection is
+    checked first (``heapcheck``): a damaged one raises ``RunFileError`` instead of hanging HDF5.
+    """
+
+    def __init__(self, fd: int, base: int, entries: list[tuple[int, bytes]] = (), path: str = "run file"):
+        self.fd, self.base, self.entries, self.pos, self.path = fd, base, list(entries), 0, path
+        self.damage: RunFileError | None = None  # kept: an h5py that swallowed the exception still reports it
 
     def seek(self, off: int, whence: int = 0) -> int:
         self.pos = off if whence == 0 else self.pos + off if whence == 1 else self.base + off
@@ -244,24 +255,35 @@ class RecoveredView:
     def tell(self) -> int:
         return self.pos
 
-    def read(self, n: int = -1) -> bytes:
-        lo = self.pos
-        hi = self.base if n is None or n < 0 else min(lo + n, self.base)
-        if hi <= lo:
-            return b""
-        buf = bytearray(os.pread(self.fd, hi - lo, lo))
-        buf.extend(b"\0" * (hi - lo - len(buf)))
-        for off, body in self.entries:
-            a, b = max(lo, off), min(hi, off + len(body))
-            if a < b:
-                buf[a - lo: b - lo] = body[a - off: b - off]
-        self.pos = hi
-        return bytes(buf)
-
     def readinto(self, buf) -> int:
-        data = self.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
+        view = memoryview(buf).cast("B")
+        lo = self.pos
+        n = max(min(len(view), self.base - lo), 0)
+        done = 0
+        while done < n:  # straight into HDF5's buffer: no copy
+            got = os.preadv(self.fd, [view[done:n]], lo + done)
+            if got <= 0:
+                view[done:n] = bytes(n - done)  # the file is shorter than its committed length
+                break
+            done += got
+        for off, body in self.entries:
+            a, b = max(lo, off), min(lo + n, off + len(body))
+            if a < b:
+                view[a - lo: b - lo] = body[a - off: b - off]
+        if view[:4] == b"GCOL":
+            try:
+                check_read(view[:n], lo, self.base, self.path)
+            except RunFileError as e:
+                self.damage = e
+                raise
+        self.pos = lo + n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        n = max(self.base - self.pos, 0) if n is None or n < 0 else n
+        buf = bytearray(n)
+        got = self.readinto(buf)
+        return bytes(buf[:got])
 
     def write(self, data):
         raise OSError("a recovered run file is read-only")

@@ -11,19 +11,21 @@ does not hold raises ``NotStoredError`` (a KeyError) listing what it does hold.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import functools
 import json
 import os
 import re
+import weakref
 
 import h5py
 import numpy as np
 import pandas as pd
 
 from .journal import RecoveredView, read_journal, read_run_id
-from .schema import (TENSOR_KEY, NotStoredError, RunFileError, RunFileNotFoundError, StoreError, check_key, check_root,
-                     str_attr, tensor_name)
+from .schema import (METRICS_COLUMNS, METRICS_DTYPES, TENSOR_KEY, NotStoredError, RunFileError, RunFileNotFoundError,
+                     StoreError, check_key, check_root, renamed_columns, tensor_name)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _TENSOR_PARTS = re.compile(r"^p(\d+)/([^/]+)/([^/]+)/s(\d+)/l(\d+)/([^/]+)/([^/]+)/t(\d+)$")
@@ -39,9 +41,21 @@ def _guard(method):
             raise
         except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError, OverflowError,
                 AttributeError, MemoryError, SystemError) as e:
+            if self._view is not None and self._view.damage is not None:
+                raise self._view.damage from None
             raise RunFileError(f"{self.path} is damaged: reading it failed in {method.__name__}() "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return wrapper
+
+
+_OPEN_RUNS: "weakref.WeakSet[Run]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_runs() -> None:
+    """Runs left open at exit are closed first: h5py must not finalize a file-object file during shutdown."""
+    for run in list(_OPEN_RUNS):
+        run.close()
 
 
 def open_run(path) -> "Run":
@@ -56,6 +70,7 @@ class Run:
         self.path = os.fspath(path)
         self._h5 = None
         self._fd = None
+        self._view = None
         p = self.path
         if not os.path.lexists(p):
             raise RunFileNotFoundError(f"{p} does not exist; give the path of a run file written by driftscope")
@@ -70,6 +85,7 @@ class Run:
         except BaseException:
             self.close()
             raise
+        _OPEN_RUNS.add(self)
 
     def _open(self) -> None:
         p, fd = self.path, self._fd
@@ -78,13 +94,18 @@ class Run:
             raise RunFileError(f"{p} is empty (0 bytes), not a driftscope run file")
         if HDF5_SIGNATURE not in (os.pread(fd, 8, 0), os.pread(fd, 8, 512)):
             raise RunFileError(f"{p} is not an HDF5 file, so not a driftscope run file")
-        hot = read_journal(p, read_run_id(fd))
+        # HDF5 reads through a file object, never the path: it sees the last committed state (a journal the
+        # writer left is overlaid) and every global heap collection is checked before HDF5 parses it, since a
+        # damaged one hangs HDF5 (see heapcheck.py).
+        base, entries = read_journal(p, read_run_id(fd)) or (size, [])
+        self._view = RecoveredView(fd, base, entries, path=p)
         try:
-            if hot is not None:  # the writer did not finish a commit: read the last committed state
-                self._h5 = h5py.File(RecoveredView(fd, *hot), "r")
-            else:
-                self._h5 = h5py.File(p, "r", locking=False)
+            self._h5 = h5py.File(self._view, "r")
+        except RunFileError:
+            raise
         except Exception as e:
+            if self._view.damage is not None:
+                raise self._view.damage from None
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise RunFileError(f"{p} cannot be opened as HDF5; it is truncated or damaged ({msg})") from None
         try:
@@ -92,8 +113,11 @@ class Run:
         except RunFileError:
             raise
         except Exception as e:
+            if self._view.damage is not None:
+                raise self._view.damage from None
             raise RunFileError(f"{p} is damaged: its root cannot be read ({type(e).__name__}: {e})") from None
         self.schema, self.kind, self.created = root["schema"], root["kind"], root["created"]
+        self.schema_major = root["major"]
         self.driftscope_version = root["driftscope_version"]
         self.argv, self.config, self.environment = root["argv"], root["config"], root["environment"]
         self.stored_status = root["status"]
@@ -127,12 +151,14 @@ class Run:
         return False
 
     def close(self) -> None:
+        _OPEN_RUNS.discard(self)
         if self._h5 is not None:
             try:
                 self._h5.close()
             except Exception:
                 pass
             self._h5 = None
+        self._view = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -188,20 +214,27 @@ class Run:
         return sorted(self._need_open()["tables"])
 
     def metrics(self, **filters) -> pd.DataFrame:
-        """The metrics table as one tidy DataFrame; filters as in ``table``."""
+        """The metrics table as one tidy DataFrame (columns ``METRICS_COLUMNS``); filters as in ``table``.
+        A capture run that finished no prompt has no metrics table: its metrics are an empty DataFrame."""
         return self.table("metrics", **filters)
 
     @_guard
     def table(self, name: str, **filters) -> pd.DataFrame:
-        """A long-form table. ``column=value`` keeps equal rows, ``column=[v1, v2]`` rows in the list."""
+        """A long-form table. ``column=value`` keeps equal rows, ``column=[v1, v2]`` rows in the list.
+        Columns an older schema named differently come back under their current names (schema.py, Versions)."""
         tables = self._need_open()["tables"]
+        if name == "metrics" and name not in tables and self.kind == "capture":
+            return self._no_metrics(filters)
         if name not in tables:
             raise NotStoredError(f"{self.path} holds no table {name!r}; it holds {sorted(tables) or 'none'}")
         g = tables[name]
-        cols = json.loads(g.attrs["columns"])
+        stored = json.loads(g.attrs["columns"])
         n = int(g.attrs["n_rows"])
-        if not isinstance(cols, list) or not all(isinstance(c, str) for c in cols) or n < 0:
+        if not isinstance(stored, list) or not all(isinstance(c, str) for c in stored) or n < 0:
             raise RunFileError(f"{self.path} is damaged: table {name!r} has bad columns or n_rows")
+        renamed = renamed_columns(self.schema_major, name)
+        cols = [renamed.get(c, c) for c in stored]
+        stored_name = dict(zip(cols, stored))
         for c in filters:
             if c not in cols:
                 raise NotStoredError(f"table {name!r} of {self.path} has no column {c!r}; its columns are "
@@ -210,14 +243,15 @@ class Run:
 
         def column(c):
             if c not in cache:
-                ds = g[c]
+                c_stored = stored_name[c]
+                ds = g[c_stored]
                 if ds.ndim != 1 or ds.shape[0] < n:
                     raise RunFileError(f"{self.path} is damaged: column {name}.{c} has shape {ds.shape}, "
                                        f"table has {n} rows")
                 a = self._read(ds, slice(0, n))
                 vocab = None
                 if ds.attrs.get("encoding", "") == "vocab":
-                    vocab = np.asarray(g[f"{c}__vocab"].asstr()[()], dtype=object)
+                    vocab = np.asarray(g[f"{c_stored}__vocab"].asstr()[()], dtype=object)
                     if a.dtype.kind not in "iu" or (n and (a.min() < 0 or a.max() >= len(vocab))):
                         raise RunFileError(f"{self.path} is damaged: codes of {name}.{c} are out of range")
                 cache[c] = (a, vocab)
@@ -238,6 +272,13 @@ class Run:
                 a = a[mask]
             out[c] = vocab[a] if vocab is not None else a
         return pd.DataFrame(out, columns=cols)
+
+    def _no_metrics(self, filters: dict) -> pd.DataFrame:
+        for c in filters:
+            if c not in METRICS_COLUMNS:
+                raise NotStoredError(f"table 'metrics' of {self.path} has no column {c!r}; its columns are "
+                                     f"{', '.join(METRICS_COLUMNS)}")
+        return pd.DataFrame({c: np.zeros(0, dtype=METRICS_DTYPES[c]) for c in METRICS_COLUMNS})
 
     # ---------------------------------------------------------------- tensors
     @_guard

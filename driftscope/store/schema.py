@@ -1,10 +1,11 @@
-"""The HDF5 schema ``driftscope/1`` of run files: layout, names, keys and errors (writer.py writes it, reader.py reads it).
+"""The HDF5 schema ``driftscope/2`` of run files: layout, names, keys and errors (writer.py writes it, reader.py reads it).
 
 One run is one ``.h5`` file. Layout (every string attribute is UTF-8; JSON attributes are JSON text)::
 
     bytes 0-511         HDF5 user block: b"driftscope run file\\n" + the 16-byte run id, zero padded
     /  attrs
-      schema              "driftscope/1". A reader refuses a newer major version.
+      schema              "driftscope/2". A reader refuses a newer major version and reads every older one
+                          (see Versions).
       driftscope_version  the writer's driftscope.__version__
       kind                "capture" | "evaluate" | "bench"
       run_id              hex of the run id in the user block (it ties the crash journal to this file)
@@ -21,8 +22,9 @@ One run is one ``.h5`` file. Layout (every string attribute is UTF-8; JSON attri
                           JSON text whose key is listed in the JSON attr "json_keys"
     /prompts/<index:06d>  int dataset [tokens]: the prompt's token ids.
                           attrs: index (int), source (str), complete (bool: committed by commit_prompt)
-    /tables/<name>        one long-form table, e.g. "metrics" with columns prompt, length, mode, phase, step,
-                          layer, head, site, path, metric, index, value (one row per measurement).
+    /tables/<name>        one long-form table, e.g. "metrics" (one row per measurement; capture runs) with the
+                          columns METRICS_COLUMNS: prompt, length, mode, phase, step, layer, head_index, site,
+                          path, metric, element, value (their meaning is in driftscope/measure/records.py).
                           attrs: columns (JSON list, column order), n_rows (int: committed rows)
       <column>            1-D [n_rows], chunked (64k rows), lzf + shuffle + fletcher32. Numeric columns keep
                           the dtype of their first append. String columns hold int32 codes, attr
@@ -41,6 +43,12 @@ Through the writer (2 cores, 40 x [9, 8192, 64] fp16): lzf 129 MB/s, none 468 MB
 ``RunWriter(tensor_compression=None)`` is the choice when disk bandwidth matters: compression is the
 bottleneck, HDF5 runs filters on one thread.
 
+Versions. driftscope/1 named two metrics columns ``head`` and ``index``, which clash with pandas' ``DataFrame.head``
+and ``DataFrame.index``; driftscope/2 names them ``head_index`` and ``element`` (nothing else changed). Readers
+return the new names for files of either version (``RENAMED``); a resumed driftscope/1 file keeps its own names
+on disk, so that each file stays one version. A driftscope that reads only driftscope/1 refuses a driftscope/2
+file with a clear "upgrade driftscope" error instead of failing later on a missing ``head`` column.
+
 Status. ``status`` is "running" from the start; ``close()`` sets "complete", or "interrupted" when the
 writer exits by an exception (KeyboardInterrupt too) or a write error. A killed writer leaves "running":
 readers report such a file (its writer no longer holds the lock) as status "interrupted", finished False.
@@ -51,6 +59,10 @@ instant. Readers overlay the journal (they never write); ``RunWriter(resume=True
 keeps every committed prompt and continues. A clean close removes the journal: one plain .h5 file remains.
 Rows and tensors appended for a prompt become durable only at its ``commit_prompt`` (which commits
 everything appended since the previous commit: write one prompt at a time).
+
+Damaged files. HDF5 never reads a run file by itself: readers (and a resuming writer) hand it a Python file
+object that checks every global heap collection before HDF5 parses it (``heapcheck.py``), because a damaged
+one makes HDF5 loop forever; any damage is one ``RunFileError`` naming the file.
 """
 from __future__ import annotations
 
@@ -61,8 +73,20 @@ import re
 import h5py
 import numpy as np
 
-SCHEMA = "driftscope/1"
-SCHEMA_MAJOR = 1
+from driftscope import errors
+from driftscope.errors import DriftscopeError
+
+SCHEMA = "driftscope/2"
+SCHEMA_MAJOR = 2
+# The metrics table of a capture run: its columns in order and the dtypes driftscope writes them with
+# (strings are stored as vocab codes and read back as str).
+METRICS_COLUMNS = ("prompt", "length", "mode", "phase", "step", "layer", "head_index", "site", "path", "metric",
+                   "element", "value")
+METRICS_DTYPES = {"prompt": np.int32, "length": np.int32, "mode": object, "phase": object, "step": np.int32,
+                  "layer": np.int32, "head_index": np.int32, "site": object, "path": object, "metric": object,
+                  "element": np.int64, "value": np.float64}
+# Columns an older major version stored under another name: {major: {table: {stored name: name read}}}.
+RENAMED = {1: {"metrics": {"head": "head_index", "index": "element"}}}
 KINDS = ("capture", "evaluate", "bench")
 LIBVER = ("v108", "v108")  # 1.8 file format: checksummed object headers, readable by any HDF5 >= 1.8
 TABLE_CHUNK = 65536
@@ -72,23 +96,23 @@ PART = re.compile(r"^[A-Za-z0-9_+-]+$")
 TENSOR_KEY = ("prompt", "mode", "phase", "step", "layer", "path", "site", "token_start")
 
 
-class StoreError(Exception):
+class StoreError(DriftscopeError):
     """A run file cannot be written as asked."""
 
 
-class OutputExistsError(StoreError):
-    pass
+class OutputExistsError(StoreError, errors.OutputExistsError):
+    """The run file exists; it is replaced only with --overwrite (or continued with --resume)."""
 
 
 class RunLockedError(StoreError):
     pass
 
 
-class OutputError(StoreError):
-    pass
+class OutputError(StoreError, errors.OutputError):
+    """The run file cannot be created or written where asked."""
 
 
-class RunFileError(ValueError):
+class RunFileError(DriftscopeError, ValueError):
     """A file that cannot be read as a driftscope run: damaged, truncated, foreign or of a newer schema."""
 
 
@@ -96,7 +120,7 @@ class RunFileNotFoundError(RunFileError, FileNotFoundError):
     pass
 
 
-class NotStoredError(KeyError):
+class NotStoredError(DriftscopeError, KeyError):
     """What was asked for (a table, a column, a prompt, activations) is not in the run file."""
 
     def __str__(self):
@@ -141,6 +165,16 @@ def str_attr(attrs, name: str, path: str) -> str:
     return v
 
 
+def renamed_columns(major: int, table: str) -> dict[str, str]:
+    """{stored name: name readers return} for the columns of ``table`` in a file of schema major ``major``."""
+    out: dict[str, str] = {}
+    for m in sorted(RENAMED, reverse=True):  # newest rename first, so chains of renames compose
+        if major <= m:
+            for old, new in RENAMED[m].get(table, {}).items():
+                out[old] = out.get(new, new)
+    return out
+
+
 def check_root(h5: h5py.File, path: str) -> dict:
     """Validates the schema and the root of a run file; returns its decoded root attributes."""
     if "schema" not in h5.attrs:
@@ -152,7 +186,7 @@ def check_root(h5: h5py.File, path: str) -> dict:
     if int(m.group(1)) > SCHEMA_MAJOR:
         raise RunFileError(f"{path} has schema {schema!r}, written by a newer driftscope; this driftscope "
                            f"reads {SCHEMA!r}: upgrade driftscope to read it")
-    root = {"schema": schema}
+    root = {"schema": schema, "major": int(m.group(1))}
     for name in ("kind", "status", "created", "driftscope_version"):
         root[name] = str_attr(h5.attrs, name, path)
     for name, typ in (("argv", list), ("config", dict), ("environment", dict)):

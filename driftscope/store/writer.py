@@ -18,9 +18,9 @@ import pandas as pd
 
 from driftscope import __version__
 from .journal import USERBLOCK, JournaledFile, journal_path, read_run_id, recover, userblock
-from .schema import (KINDS, LIBVER, NAME, PART, SCHEMA, TABLE_CHUNK, TENSOR_CHUNK_BYTES, NotStoredError,
+from .schema import (KINDS, LIBVER, NAME, PART, RENAMED, SCHEMA, TABLE_CHUNK, TENSOR_CHUNK_BYTES, NotStoredError,
                      OutputError, OutputExistsError, RunFileError, RunLockedError, StoreError, check_key, check_root,
-                     tensor_name, utc_now)
+                     renamed_columns, tensor_name, utc_now)
 
 
 def _column(name: str, values, n_hint: int | None) -> np.ndarray:
@@ -71,6 +71,8 @@ class RunWriter:
         self._buffers: dict[str, dict[str, list[np.ndarray]]] = {}
         self._schema: dict[str, dict[str, np.dtype | str]] = {}  # table -> column -> dtype or "str"
         self._vocab: dict[tuple[str, str], dict[str, int]] = {}
+        # a resumed file of an older schema keeps its own column names: table -> {current name: stored name}
+        self._stored_as: dict[str, dict[str, str]] = {}
         self._queue: queue.Queue = queue.Queue()
         self._pending_bytes, self._max_bytes = 0, max_queue_bytes
         self._cond = threading.Condition()
@@ -84,8 +86,8 @@ class RunWriter:
             raise OutputError(f"cannot write {self.path}: directory {parent} does not exist; create it first")
         exists = os.path.lexists(self.path)
         if exists and not (overwrite or resume):
-            raise OutputExistsError(f"{self.path} already exists; pass --overwrite to replace it or "
-                                    f"--resume to continue it")
+            raise OutputExistsError(f"{self.path} already exists; pass --overwrite to replace it",
+                                    resume_advice=" or --resume to continue it")
         if exists:
             try:
                 fd = os.open(self.path, os.O_RDWR)
@@ -152,7 +154,8 @@ class RunWriter:
             os.close(fd)
             if isinstance(e, FileExistsError):
                 raise OutputExistsError(f"{self.path} was created by another process meanwhile; pass "
-                                        f"--overwrite to replace it or --resume to continue it") from None
+                                        f"--overwrite to replace it", resume_advice=" or --resume to continue it"
+                                        ) from None
             if isinstance(e, OSError):
                 raise OutputError(f"cannot write {self.path}: {e.strerror or e}; free space or choose a writable "
                                   f"--out") from None
@@ -178,6 +181,10 @@ class RunWriter:
             root = check_root(h5, self.path)
             if root["kind"] != self.kind:
                 raise StoreError(f"cannot resume {self.path}: it is a {root['kind']!r} run, not {self.kind!r}")
+            for tname in {t for tables in RENAMED.values() for t in tables}:
+                names = renamed_columns(root["major"], tname)
+                if names:
+                    self._stored_as[tname] = {new: old for old, new in names.items()}
             old = root["config"]
             diff = sorted(k for k in set(old) | set(self.config) if old.get(k, ...) != self.config.get(k, ...))
             if diff:
@@ -229,6 +236,8 @@ class RunWriter:
         """Buffers rows in memory; they reach the file at the next commit_prompt."""
         if not NAME.match(table):
             raise StoreError(f"table name {table!r} must be letters, digits and _, not starting with a digit")
+        if table in self._stored_as:
+            columns = {self._stored_as[table].get(c, c): v for c, v in columns.items()}
         cols = {}
         for c, v in columns.items():
             if not NAME.match(c) or c.endswith("__vocab"):
@@ -335,8 +344,8 @@ class RunWriter:
         why = os_err.strerror if isinstance(os_err, OSError) and os_err.strerror else str(e)
         hint = "free space or choose another --out" if getattr(os_err, "errno", None) in (
             errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "check the output directory"
-        return OutputError(f"writing {self.path} failed ({why}); {hint}; the prompts committed so far are "
-                           f"kept and --resume continues the run")
+        return OutputError(f"writing {self.path} failed ({why}); {hint}; the prompts committed so far are kept",
+                           resume_advice=" and --resume continues the run")
 
     def _submit(self, item) -> None:
         if self._closed:

@@ -1,0 +1,282 @@
+"""driftscope.measure.fused against a float64 reference, on adversarial inputs, for both backends.
+
+Tolerances (relative unless said; the reference is float64 on the same half/fp32 input values):
+- sums behind rel_l2, rel_l1, rmse and the per-position rel-L2 curve: 1e-5
+- cosine: |cos - cos_ref| <= 1e-6 * rel_l2_ref + 1e-12  (1 - cos is kept accurate, not just cos)
+- max_abs: 1e-6 (exact for fp16/bf16 inputs; fp32 inputs round d = x - r once)
+- absmax, per-channel absmax, channel_max_median: exact
+- mean: 1e-6 of (|mean| + std); variance: 1e-5; kurtosis: 1e-4
+- smoothed channel absmax (K - mean_t K): 1e-5 of the channel absmax
+- frac_6sigma: at most one value per head off (rounding at the threshold)
+- null drift (x == ref): exactly cosine 1, rel_l2 = rel_l1 = rmse = max_abs = 0, per head, pooled and per position
+
+The Triton kernel runs compiled on CUDA tensors where a GPU is present, else under Triton's interpreter on the CPU
+(TRITON_INTERPRET=1 must be set before triton is imported: conftest.py does it for the session, and so does this
+module when run alone). Interpreter cases are kept tiny: the interpreter runs each program in numpy.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from driftscope.measure import fused  # noqa: E402
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# -- float64 reference --------------------------------------------------------------------------------------------
+def ref_drift(x, r):
+    """Per head and pooled drift metrics, float64, from the definitions."""
+    H = x.shape[0]
+    x64, r64 = x.double().reshape(H, -1), r.double().reshape(H, -1)
+
+    def metrics(a, b):
+        d = a - b
+        xr, xx, rr, dd = (a * b).sum(1), (a * a).sum(1), (b * b).sum(1), (d * d).sum(1)
+        return {"cosine": xr / (xx * rr).sqrt(), "rel_l2": (dd / rr).sqrt(), "rel_l1": d.abs().sum(1) / b.abs().sum(1),
+                "rmse": (dd / a.shape[1]).sqrt(), "max_abs": d.abs().amax(1)}
+
+    return metrics(x64, r64), metrics(x64.reshape(1, -1), r64.reshape(1, -1))
+
+
+def ref_position(x, r, bins):
+    d = x.double() - r.double()
+    num, den = d.square().sum((0, 2)), r.double().square().sum((0, 2))
+    T = num.numel()
+    width = -(-T // bins)
+    return torch.stack([(num[i:i + width].sum() / den[i:i + width].sum()).sqrt() for i in range(0, T, width)])
+
+
+def ref_outliers(t):
+    t64 = t.double()
+    H, T, C = t.shape
+    flat = t64.reshape(H, -1)
+    mean = flat.mean(1)
+    c = flat - mean[:, None]
+    var = c.square().mean(1)
+    ch = t64.abs().amax(1)
+    smoothed = (t64 - t64.mean(1, keepdim=True)).abs().amax(1)
+    return {"mean": mean, "var": var, "kurtosis": c.pow(4).mean(1) / var.square(), "absmax": flat.abs().amax(1),
+            "count": (c.abs() > 6 * var.sqrt()[:, None]).sum(1).double(), "channel": ch, "smoothed": smoothed,
+            "channel_max_median": ch.amax(1) / ch.median(1).values}
+
+
+def cpu(d):
+    return {k: v.cpu() for k, v in d.items()}
+
+
+def check_against_reference(s, x, r, stats_of, bins=5):
+    """s (on any device) against the float64 reference of the CPU tensors x and r."""
+    if r is not None:
+        per_head, pooled = ref_drift(x, r)
+        for got, want in ((cpu(fused.drift(s)), per_head), (cpu(fused.drift(s, pooled=True)), pooled)):
+            for k in ("rel_l2", "rel_l1", "rmse"):
+                torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-30, msg=k)
+            torch.testing.assert_close(got["max_abs"], want["max_abs"], rtol=1e-6, atol=0)
+            err = (got["cosine"] - want["cosine"]).abs()
+            assert bool((err <= 1e-6 * want["rel_l2"] + 1e-12).all()), (got["cosine"], want["cosine"])
+        if s.position is not None:
+            curve = fused.rel_l2_by_position(s, bins)[1].cpu()
+            torch.testing.assert_close(curve, ref_position(x, r, bins), rtol=1e-5, atol=0)
+    for which in stats_of:
+        t = x if which == "x" else r
+        want, m, got = ref_outliers(t), getattr(s, which), cpu(fused.outliers(s, which))
+        mean, var, count = m.mean.cpu(), m.var.cpu(), m.count_6sigma.cpu()
+        scale = want["mean"].abs() + want["var"].sqrt()
+        assert bool(((mean - want["mean"]).abs() <= 1e-6 * scale).all()), (which, mean, want["mean"])
+        torch.testing.assert_close(var, want["var"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(got["kurtosis"], want["kurtosis"], rtol=1e-4, atol=0)
+        assert torch.equal(got["absmax"], want["absmax"])
+        assert torch.equal(fused.channel_absmax(s, which).cpu().double(), want["channel"])
+        assert torch.equal(got["channel_max_median"], want["channel_max_median"].float().double())
+        smoothed = fused.channel_absmax(s, which, smoothed=True).cpu().double()
+        assert bool(((smoothed - want["smoothed"]).abs() <= 1e-5 * want["channel"] + 1e-30).all()), which
+        assert bool(((count - want["count"]).abs() <= 1).all()), (which, count, want["count"])
+        torch.testing.assert_close(got["frac_6sigma"], count / (t.shape[1] * t.shape[2]))
+
+
+# -- adversarial inputs ---------------------------------------------------------------------------------------------
+def make(kind, shape, dtype, seed=0):
+    """(x, ref) of `shape` in `dtype`: x is ref plus a small drift."""
+    g = torch.Generator().manual_seed(seed)
+    H, T, C = shape
+    r = torch.randn(shape, generator=g)
+    if kind == "offset":  # a large common offset: raw power sums would cancel catastrophically
+        r = 1e3 + r
+    elif kind == "massive":  # one massive channel, as in LLM residual streams and K
+        r[..., C // 3] = 1e4 + r[..., C // 3]
+    elif kind == "spikes":  # rare 20-sigma values: a non-zero 6-sigma fraction
+        spikes = torch.rand(shape, generator=g) < 0.01
+        r = torch.where(spikes, 20 * torch.sign(r), r)
+    elif kind == "scaled":
+        r = r * torch.logspace(-3, 3, H)[:, None, None]
+    x = r + 1e-2 * r.abs().mean() * torch.randn(shape, generator=g)
+    return x.to(dtype), r.to(dtype)
+
+
+CASES = [("normal", (3, 37, 20)), ("offset", (2, 64, 64)), ("massive", (4, 33, 64)), ("spikes", (2, 200, 48)),
+         ("scaled", (5, 17, 9)), ("normal", (1, 1, 7)), ("normal", (40, 3, 8)), ("massive", (1, 19, 300))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,shape", CASES, ids=lambda v: str(v))
+def test_torch_backend_matches_float64_reference(kind, shape, dtype):
+    x, r = make(kind, shape, dtype)
+    s = fused.site_stats(x, r, stats_of=("x", "ref"), positions=True, backend="torch")
+    assert s.backend == "torch"
+    check_against_reference(s, x, r, ("x", "ref"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_fallback_matches_reference(dtype):
+    """Tokens in many chunks: moments merged across chunks (with M3), the 6-sigma count re-reads the chunks."""
+    x, r = make("spikes", (3, 101, 24), dtype, seed=3)
+    x[1, 50:, 5] += 300  # a shift inside one head: chunk means differ
+    s = fused.site_stats(x, r, stats_of=("x", "ref"), positions=True, backend="torch", chunk_elems=3 * 24 * 7)
+    check_against_reference(s, x, r, ("x", "ref"))
+    whole = fused.site_stats(x, r, stats_of=("x", "ref"), positions=True, backend="torch")
+    assert torch.equal(s.x.count_6sigma, whole.x.count_6sigma)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_null_drift_is_exact_torch(dtype):
+    x, _ = make("massive", (6, 45, 64), dtype)
+    assert_null_drift(fused.site_stats(x, x.clone(), positions=True, backend="torch"))
+    assert_null_drift(fused.site_stats(x, x, positions=True, backend="torch"))
+
+
+def assert_null_drift(s):
+    for m in (fused.drift(s), fused.drift(s, pooled=True)):
+        assert torch.equal(m["cosine"], torch.ones_like(m["cosine"])), m["cosine"]
+        for k in ("rel_l2", "rel_l1", "rmse", "max_abs"):
+            assert torch.equal(m[k], torch.zeros_like(m[k])), (k, m[k])
+    curve = fused.rel_l2_by_position(s, 7)[1]
+    assert torch.equal(curve, torch.zeros_like(curve))
+
+
+def test_known_values():
+    r = torch.tensor([[[1.0, 0.0, 2.0, 0.0]]])
+    orth = fused.drift(fused.site_stats(torch.tensor([[[0.0, 3.0, 0.0, -1.0]]]), r))
+    assert abs(orth["cosine"].item()) <= 1e-6  # fp32 sums: ~1e-7 absolute where 1 - cos is of order 1
+    twice = fused.drift(fused.site_stats(2 * r, r))
+    assert twice["cosine"].item() == 1.0
+    assert twice["rel_l2"].item() == pytest.approx(1.0, abs=1e-12)
+    assert twice["rel_l1"].item() == pytest.approx(1.0, abs=1e-12)
+    zero = fused.drift(fused.site_stats(torch.zeros(1, 1, 4), r))  # a zero vector: cosine 0, as <x,r>/tiny was
+    assert zero["cosine"].item() == 0.0 and zero["rel_l2"].item() == 1.0
+    const = fused.outliers(fused.site_stats(torch.full((2, 5, 3), 0.1)), "x")
+    assert torch.equal(const["frac_6sigma"], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(const["kurtosis"], torch.zeros(2, dtype=torch.float64))
+
+
+def test_two_d_input_is_one_head_and_inputs_are_not_modified():
+    x, r = make("offset", (1, 30, 40), torch.float32)
+    x2, r2 = x[0].clone(), r[0].clone()
+    s = fused.site_stats(x2, r2, stats_of=("x", "ref"), positions=True, backend="torch")
+    assert s.shape == (1, 30, 40) and fused.drift(s)["rel_l2"].shape == (1,)
+    assert torch.equal(x2, x[0]) and torch.equal(r2, r[0])  # fp32 inputs are never centred in place
+    check_against_reference(s, x, r, ("x", "ref"))
+    fused.site_stats(x2, backend="torch", chunk_elems=40 * 4)
+    assert torch.equal(x2, x[0])
+
+
+def test_bad_inputs_raise_with_the_offending_values():
+    x = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        fused.site_stats(x, torch.zeros(2, 3, 5))
+    with pytest.raises(ValueError, match="stats_of"):
+        fused.site_stats(x, x, stats_of=("y",))
+    with pytest.raises(ValueError, match="need ref"):
+        fused.site_stats(x, positions=True)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        fused.site_stats(x.double())
+    with pytest.raises(ValueError, match="stats_of=\\('ref',\\)"):
+        fused.outliers(fused.site_stats(x, x), "ref")
+    with pytest.raises(ValueError, match="backend"):
+        fused.site_stats(x, backend="cuda")
+
+
+def test_same_outputs_as_the_existing_functions():
+    """The capture can swap the fused statistics in: the existing chain's outputs, within the tolerances."""
+    drift_mod = pytest.importorskip("driftscope.measure.drift")
+    outliers_mod = pytest.importorskip("driftscope.measure.outliers")
+    x, r = make("massive", (4, 50, 32), torch.bfloat16)
+    s = fused.site_stats(x, r, stats_of=("x", "ref"), positions=True, backend="torch")
+    old = drift_mod.drift_from_sums(drift_mod.drift_sums(x, r), x[0].numel())
+    new = fused.drift(s)
+    for k in old:
+        torch.testing.assert_close(new[k], old[k], rtol=1e-5, atol=1e-9, msg=k)
+    old_pooled = drift_mod.drift(x.reshape(1, -1), r.reshape(1, -1))
+    for k, v in fused.drift(s, pooled=True).items():
+        torch.testing.assert_close(v, old_pooled[k], rtol=1e-5, atol=1e-9, msg=k)
+    torch.testing.assert_close(fused.drift_sums(s), drift_mod.drift_sums(x, r), rtol=1e-5, atol=0)
+    for a, b in zip(fused.rel_l2_by_position(s, 8), drift_mod.rel_l2_by_position(x, r, 8)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    for which, t in (("x", x), ("ref", r)):
+        old_o, new_o = outliers_mod.outliers(t), fused.outliers(s, which)
+        for k in old_o:
+            torch.testing.assert_close(new_o[k], old_o[k], rtol=1e-4, atol=0, msg=k)
+        assert torch.equal(fused.channel_absmax(s, which), outliers_mod.channel_absmax(t))
+
+
+# -- Triton: compiled on CUDA, interpreted on the CPU ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def triton_device():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"triton is not importable: {e}")
+    k = fused._triton_kernels()
+    if isinstance(k, str):
+        pytest.skip(k)
+    if not k.interpreted and not torch.cuda.is_available():
+        pytest.skip("triton was imported compiled before TRITON_INTERPRET=1 was set, and there is no GPU")
+    return "cpu" if k.interpreted else "cuda"
+
+
+def small_tiles(monkeypatch):
+    """Tiles of 64 values and few programs: several tiles per program (the in-kernel Chan merge), masked tails."""
+    monkeypatch.setattr(fused, "TILE", 64)
+    monkeypatch.setattr(fused, "PROGRAMS", 4)
+
+
+TRITON_CASES = [("massive", (3, 21, 20), torch.bfloat16, True), ("offset", (2, 9, 300), torch.float32, False),
+                ("spikes", (2, 40, 16), torch.float16, True), ("normal", (4, 1, 7), torch.float16, False),
+                ("massive", (1, 6, 300), torch.float16, False)]  # one head: Triton specializes H == 1
+
+
+@pytest.mark.parametrize("kind,shape,dtype,small", TRITON_CASES, ids=lambda v: str(v))
+def test_triton_matches_fallback_and_reference(triton_device, monkeypatch, kind, shape, dtype, small):
+    if small:
+        small_tiles(monkeypatch)
+    x, r = make(kind, shape, dtype, seed=1)
+    x, r = x.to(triton_device), r.to(triton_device)
+    if small:  # a strided view, as the capture passes k[:, :, -Tq:] of the cache
+        x = torch.cat([x, x[:, :3]], 1)[:, : shape[1]]
+    s = fused.site_stats(x, r, stats_of=("x", "ref"), positions=True, backend="triton")
+    assert s.backend == "triton"
+    check_against_reference(s, x.cpu(), r.cpu(), ("x", "ref"))
+    t = fused.site_stats(x, r, stats_of=("x", "ref"), positions=True, backend="torch")
+    for a, b in ((fused.drift(s), fused.drift(t)), (fused.outliers(s, "x"), fused.outliers(t, "x")),
+                 (fused.outliers(s, "ref"), fused.outliers(t, "ref"))):  # the same device: assert_close checks it
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-9, msg=k)
+    for which in ("x", "ref"):
+        assert torch.equal(fused.channel_absmax(s, which), fused.channel_absmax(t, which))
+        assert torch.equal(getattr(s, which).count_6sigma, getattr(t, which).count_6sigma)
+
+
+def test_triton_null_drift_is_exact_and_flags_select_work(triton_device, monkeypatch):
+    small_tiles(monkeypatch)
+    for dtype in DTYPES:
+        x, _ = make("massive", (2, 9, 40), dtype, seed=2)
+        x = x.to(triton_device)
+        assert_null_drift(fused.site_stats(x, x.clone(), positions=True, backend="triton"))
+    s = fused.site_stats(x, backend="triton")  # outliers of x alone
+    assert s.sums is None and s.ref is None
+    check_against_reference(s, x.cpu(), None, ("x",))

@@ -99,7 +99,7 @@ def test_quick_figures(df, tmp_path):
 def test_cli_regenerates_identical_digests(run_file, tmp_path):
     def regen(out):
         r = subprocess.run([sys.executable, "-m", "driftscope.figures", str(run_file), "--out", str(out),
-                            "--tables", str(tmp_path / "paper" / "generated"), "--quiet"],
+                            "--tables", str(tmp_path / "paper" / "generated"), "--quiet", "--overwrite"],
                            capture_output=True, text=True, cwd=REPO)
         assert r.returncode == 0, r.stderr
         return out / "data" / "tiny"

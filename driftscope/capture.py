@@ -32,19 +32,15 @@ def build_parser() -> cli.Parser:
                    help="how the sage paths run: kernel (compiled, CUDA), interpret (the same Triton code under "
                         "Triton's interpreter on the CPU, slow; sets TRITON_INTERPRET=1 itself), emulate "
                         "(driftscope's PyTorch model, any device), or auto: kernel on CUDA, else emulate")
-    p.add_argument("--mode", default=d.mode, choices=(*MODES, "both"),
-                   help="propagated: every path runs its own forward in lockstep, drift accumulates through the "
-                        "layers; isolated: each layer's paths get the reference's q, k, v (the kernel's own "
-                        "error); both")
+    p.add_argument("--mode", default=d.mode, choices=(*MODES, "both"), help="propagated: each path runs its own "
+                   "forward in lockstep, drift accumulates; isolated: each layer's paths get the reference's q, k, v")
     p.add_argument("--lengths", type=cli.comma_list(int), default=d.lengths, help="prompt lengths in tokens")
-    p.add_argument("--prompts", type=int, default=d.prompts,
-                   help="prompts per length, each from a different corpus document")
+    p.add_argument("--prompts", type=int, default=d.prompts, help="prompts per length, each from another document")
     p.add_argument("--decode", type=int, default=d.decode, help="greedy decode steps captured after each prompt")
     p.add_argument("--store", type=cli.comma_list(), default=d.store,
                    help=f"also write full float16 tensors of these sites: {', '.join(STORE_SITES)} "
                         f"(default: none, metrics only)")
-    p.add_argument("--layers", type=cli.comma_list(int), default=None,
-                   help="layers whose tensors --store writes (default: all)")
+    p.add_argument("--layers", type=cli.comma_list(int), help="layers whose tensors --store writes (default: all)")
     p.add_argument("--heads", type=cli.comma_list(int), default=None,
                    help="heads whose tensors --store writes: query heads for q and attn_out, KV heads for k and "
                         "v (default: all)")
@@ -57,8 +53,7 @@ def build_parser() -> cli.Parser:
                         "runs/a/), or FILE-figures/ when FILE has no extension (default: "
                         "runs/<model>-<paths>.h5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run file and its figures")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run file (same options); its figures are redrawn")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run file (same options)")
     p.add_argument("--no-figures", action="store_true", help="write no figures beside the run file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -89,15 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       progress=not args.quiet)
     with store.open_run(out) as run:
         df = figures.metrics_with_meta(run)
-    print(f"\nWorst head per layer, attention output vs {config.paths[0]} "
-          f"(cos: min cosine, relL2: max relative L2):")
+    print(f"\nWorst head per layer, attention output vs {config.paths[0]} (cos: min cosine, relL2: max relative L2):")
     print(text.format_layer_summary(text.layer_summary(df)))
-    if folder is not None:
-        written = figures.quick_figures(df, folder)
-        if written:
-            print(f"\nfigures: {folder}/")
-        else:
-            environment.remove_dirs(made)
+    if folder is not None and figures.quick_figures(df, folder):
+        print(f"\nfigures: {folder}/")
+    elif folder is not None:
+        environment.remove_dirs(made)
     print(f"\nrun file: {out}")
     return 0
 

@@ -128,8 +128,8 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int | None], argv: Seq
         return main(argv) or 0
     except KeyboardInterrupt:
         advice = "; continue it with --resume" if _accepts(main, "--resume") else ""
-        print(f"{prog}: interrupted; every hook was removed and the run file (if any) is marked "
-              f"interrupted{advice}", file=sys.stderr)
+        print(f"{prog}: interrupted; every hook was removed, and a run file that holds finished prompts is kept, "
+              f"marked interrupted{advice}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except _known_errors() as err:
         print(f"{prog}: error: {one_line(err, _accepts(main, '--resume'))}", file=sys.stderr)

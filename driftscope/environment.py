@@ -4,7 +4,6 @@ output paths). Each check raises one `DriftscopeError` naming the value and what
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
 import platform
 import sys
@@ -45,28 +44,31 @@ def resolve_device(device: str) -> str:
 
 
 def check_sage_impl(impl: str, device: str, sage_paths) -> None:
-    """Fail now, not at the first attention call, when the sage paths cannot run as `impl` on `device`."""
+    """Fail now, not at the first attention call, when the sage paths cannot run as `impl` on `device`. What runs
+    is driftscope.paths' own resolution (a kernel the installed sageattention lacks falls back to the emulator,
+    with a warning); refused here is what would fail: a compiled kernel without CUDA, the interpreter on a GPU
+    or with a triton too old for it."""
     if not sage_paths or impl in ("auto", "emulate"):
         return
+    from driftscope import paths
+
     on_cuda = str(device).startswith("cuda")
-    who = f"--sage-impl {impl} (for {', '.join(sage_paths)})"
-    if impl == "kernel" and not on_cuda:
-        raise DeviceError(f"{who} runs the compiled CUDA kernels, and the device is {device}; use --sage-impl "
-                          f"emulate (any device) or interpret (the same Triton code on the CPU), or --device cuda")
-    if impl == "interpret" and on_cuda:
-        raise DeviceError(f"{who} runs the Triton code on the CPU, and the device is {device}; use --sage-impl "
-                          f"kernel on CUDA, or --device cpu")
-    missing = [m for m in ("sageattention", "triton") if importlib.util.find_spec(m) is None]
-    if missing:
-        extra = "interpret" if impl == "interpret" else "sage"
-        raise DeviceError(f"{who} needs {' and '.join(missing)}, which is not installed "
-                          f"(pip install 'driftscope[{extra}]'); or use --sage-impl emulate")
-    if impl == "interpret":
+    runs = {name: paths.get_path(name, impl, device=device).impl for name in sage_paths}
+    kernel = [name for name, how in runs.items() if how == "kernel"]
+    interpret = [name for name, how in runs.items() if how == "interpret"]
+    if kernel and not on_cuda:
+        raise DeviceError(f"--sage-impl kernel runs the compiled CUDA kernels (for {', '.join(kernel)}), and the "
+                          f"device is {device}; use --sage-impl emulate (any device) or interpret (the Triton code "
+                          f"on the CPU), or --device cuda")
+    if interpret and on_cuda:
+        raise DeviceError(f"--sage-impl interpret runs the Triton code on the CPU (for {', '.join(interpret)}), and "
+                          f"the device is {device}; use --sage-impl kernel on CUDA, or --device cpu")
+    if interpret:
         version = _version("triton")
         parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit())
         if parts < (3, 9):
-            raise DeviceError(f"{who} needs triton >= 3.9 (found {version}): older interpreters fail on "
-                              f"SageAttention's kernels; pip install 'triton>=3.9' or use --sage-impl emulate")
+            raise DeviceError(f"--sage-impl interpret needs triton >= 3.9 (found {version}): older interpreters "
+                              f"fail on SageAttention's kernels; pip install 'triton>=3.9' or use --sage-impl emulate")
 
 
 def prepare_triton_interpreter() -> None:

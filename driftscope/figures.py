@@ -14,7 +14,11 @@ from driftscope import cli
 EXAMPLES = """\
   python -m driftscope.figures runs/a.h5 --out runs/figures     # a run file written by driftscope.capture
   python -m driftscope.figures experiments/results/smollm2-135m-cpu-512.h5 --out /tmp/figures
-  python -m driftscope.figures experiments/results/smollm2-135m-h100-2048.h5 experiments/results/smollm2-135m-h100-evaluate.h5 experiments/results/bench_throughput.json --out figures --tables paper/generated --overwrite   # the committed figures, see the README
+  # the committed figures (see the README's Reproduce section)
+  python -m driftscope.figures experiments/results/smollm2-135m-h100-2048.h5 \\
+      experiments/results/smollm2-135m-h100-evaluate.h5 \\
+      experiments/results/bench_throughput.json \\
+      --out figures --tables paper/generated --overwrite
 """
 
 

@@ -238,6 +238,7 @@ def test_interpret_without_the_variable_in_this_process_is_one_clear_error(tmp_p
     (["--out", "DIR"], ["is a directory"]),
     (["--out", "DIR/"], ["is a directory"]),
     (["--out", "/proc/driftscope-sub/x.h5"], ["/proc"]),
+    (["--out", "/sys/driftscope-sub/x.h5"], ["/sys", "Permission denied"]),  # a place even root cannot write
     (["--out", "FILE/x.h5"], ["not a directory"]),
 ])
 def test_bad_input_is_refused_before_any_file(tmp_path, tiny, monkeypatch, args, fragments):

@@ -68,12 +68,15 @@ def test_help_is_complete_wrapped_and_every_example_parses(name, monkeypatch):
 
 
 def test_examples_name_only_files_that_exist_or_that_an_earlier_example_writes():
-    written = {"runs/a.h5"}  # capture's --out example
-    for name in CLIS:
+    written: set[str] = set()
+    for name in CLIS:  # capture's examples come first: they write the run files the others read
         for line in cli.example_lines(_parser(name)):
-            for word in shlex.split(line)[3:]:
-                if word.endswith((".h5", ".json")) and not word.startswith("-") and "--out" not in line:
-                    assert word in written or (REPO / word).is_file(), (name, word)
+            words = shlex.split(line)[3:]
+            outputs = {w for prev, w in zip(words, words[1:]) if prev in ("--out", "--out-dir", "--tables")}
+            for word in words:
+                if word.endswith((".h5", ".json", ".txt")) and word not in outputs:
+                    assert word in written or (REPO / word).is_file(), (name, line, word)
+            written |= outputs
 
 
 # -- the resume advice follows the command -----------------------------------------------------------------------
@@ -115,8 +118,9 @@ def _wrong_list(items) -> list[str]:
 
 
 def _hints(name: str, tiny) -> dict:
-    """Per option (dest): (values it accepts, values it refuses or that are slow to run), as strategies. Paths are relative to the
-    example's working folder (see _world); "accepted" means well-formed, not necessarily runnable together."""
+    """Per option (dest): (values it accepts, values it refuses or that are slow to run), as strategies. Paths
+    are relative to the example's working folder (see _world); "accepted" means well-formed, not necessarily
+    runnable together."""
     model, corpus = map(str, tiny)
     inputs = ["capture.h5"]
     bad_inputs = [EVALUATE_RUN, BENCH_JSON, "empty.h5", "junk.h5", "missing.h5", "a_dir", "a_file"]  # (and slow)
@@ -129,7 +133,7 @@ def _hints(name: str, tiny) -> dict:
         "tokens": (one(["0:8", "4:12"]), one(["8:4", "0:99999", "100:200", "a:b"])),
         "layers": (one(["0", "0,1"]), one(["99", "-1", "x"])),
         "heads": (one(["0"]), one(["2", "99", "-1"])),
-        "model": (one([model]), one(["no-such-model", "missing/folder", "a_dir"])),  # never the hub: offline
+        "model": (one([model]), one(["no-such-model", "./missing-folder", "a_dir"])),  # never a hub id (offline)
         "corpus": (one([corpus]), one(["a_dir", "missing.txt", "a_file"])),
         "device": (one(["auto", "cpu"]), one(["cuda", "cuda:7", "tpu", "bogus"])),
         "markdown": (one(["sage8"]), one(["fp16", "sage8-nosmooth", "bogus"])),
@@ -139,7 +143,8 @@ def _hints(name: str, tiny) -> dict:
         "out_dir": (one(["bench"]), one(["a_file", "/proc/driftscope-bench"])),
     }
     if name == "figures":
-        hints["out"] = (one(["figs", "a_dir", "figs/sub"]), one(["a_file", "/proc/driftscope-figs"]))
+        # (one new folder: once it holds figures, only --overwrite writes there again, and plotting is slow)
+        hints["out"] = (one(["figs"]), one(["a_file", "a_dir/sub", "/proc/driftscope-figs"]))
     else:
         hints["out"] = (one(["new.h5", "runs/new.h5", "noext", "capture.h5"]),
                         one(["a_dir", "a_dir/", "a_file/x.h5", "/proc/driftscope/x.h5"]))
@@ -196,7 +201,6 @@ def _snapshot(*folders: Path) -> dict:
 def stubs(monkeypatch):
     """Model loading replaced by a stub that checks the command's validation ran first. Returns the log of
     validations seen."""
-    from driftscope import environment
     from driftscope.run import capture as capture_lib
     from driftscope.run import evaluate as evaluate_lib
     from driftscope.run import throughput
@@ -216,10 +220,9 @@ def stubs(monkeypatch):
             raise Stubbed(what)
         return stub
 
-    monkeypatch.setattr(capture_lib, "validate", spy("capture", capture_lib.validate))
-    monkeypatch.setattr(capture_lib, "load_model", stop("capture"))
-    monkeypatch.setattr(environment, "resolve_device", spy("evaluate", environment.resolve_device))
-    monkeypatch.setattr(evaluate_lib, "load_model", stop("evaluate"))
+    for name, library in (("capture", capture_lib), ("evaluate", evaluate_lib)):
+        monkeypatch.setattr(library, "validate", spy(name, library.validate))
+        monkeypatch.setattr(library, "load_model", stop(name))
     monkeypatch.setattr(throughput, "run_throughput", lambda *a, **k: (_ for _ in ()).throw(Stubbed("bench")))
     return seen
 
@@ -272,7 +275,7 @@ def test_fuzz_cli(name, tmp_path_factory, tiny, stubs):
     forced = frozenset({"model"}) if name in ("capture", "evaluate") else frozenset()
     REFUSALS.clear()
     outcomes = _fuzz(name, tmp_path_factory, tiny, forced)
-    print("\n".join(REFUSALS))
+    print("\n".join(REFUSALS), "\n", {o: outcomes.count(o) for o in set(outcomes)})
     assert "refused" in outcomes, outcomes  # the fuzz reached the checks ...
     if name != "bench":  # (bench gets past them only on a CUDA machine or with --device cpu --smoke)
         assert {"validated", "ok"} & set(outcomes), outcomes  # ... and got past them

@@ -153,11 +153,12 @@ def test_run_file_tables_match_what_was_printed(quant_cli_run):
     assert format_evaluation(t, dtype, env["compared"], env["sage_impl"]) in stdout
     assert "Verdict: sage8 (emulate) vs the SDPA baseline (bfloat16)" in stdout
     assert f"run file: {path}" in stdout
-    # the stored summaries are exactly what the stored per-prompt tables give
-    again = evaluation.summarize(t["perplexity"], t["logits"], resamples=200, seed=0)
-    pd.testing.assert_frame_equal(again, t["summary"], check_dtype=False)
-    pd.testing.assert_frame_equal(evaluation.summarize_decode(t["decode"], t["decode_prefill"]), t["decode_summary"],
-                                  check_dtype=False)
+    # the stored summaries and verdict are exactly what the stored per-prompt tables give (as for an interrupted run)
+    per_prompt = ("perplexity", "logits", "decode", "decode_prefill", "generations", "nonfinite")
+    again = evaluation.summaries({k: t[k] for k in per_prompt}, resamples=200, seed=0)
+    assert sorted(again) == ["decode_summary", "generation_summary", "summary", "verdict"]
+    for name, df in again.items():
+        pd.testing.assert_frame_equal(df, t[name], check_dtype=False)
     for g in t["generations"].itertuples():
         tokens = t["generation_tokens"][t["generation_tokens"]["prompt"] == g.prompt]
         base, other = (tokens[tokens["side"] == s].sort_values("step")["token"].to_numpy() for s in ("base", g.path))

@@ -159,6 +159,7 @@ def test_cli_refuses_an_output_that_is_a_file_or_unwritable(tmp_path):
     (tmp_path / "some_file").write_text("keep me")
     before = _tree(tmp_path)
     for out, fragment in ((tmp_path / "some_file", "not a directory"), ("/proc/driftscope-figures", "/proc"),
+                          ("/sys/driftscope-figures", "Permission denied"),
                           (tmp_path / "some_file" / "sub", "not a directory")):
         assert_one_line_error(run_in_process(cli_figures, str(run), "--out", str(out)), fragment)
     assert_one_line_error(run_in_process(cli_figures, str(run), "--out", str(tmp_path / "f"), "--tables",

@@ -25,9 +25,9 @@ or the compared path's name; `path` is a compared path; KL is KL(base ‖ path):
     logits            context, window, prompt, path, positions, kl_mean, kl_max, top1_agree, max_abs_dlogit
                       (over every position of the window; measure.logits.logit_drift)
     decode            prompt_length, window, prompt, path, step (1..T), kv_len (= prompt_length + step), token, kl,
-                      top1 (1 if both argmaxes agree), nll_base, nll_path: one row per decode step. The step feeds
-                      the baseline's token step-1 (0-based) and predicts `token`, the baseline's next token;
-                      nll_* = −log p(token) on each side. Float64 from float32 logits
+                      top1 (1 if both argmaxes agree), nll_base, nll_path: one row per decode step. Step s feeds
+                      the baseline's s-th greedy token (its key makes kv_len) and predicts `token`, the baseline's
+                      next one; nll_* = −log p(token) on each side. Float64 from float32 logits
                       (measure.logits.next_token_drift)
     decode_prefill    prompt_length, window, prompt, path, positions, kl_mean, kl_last, top1_agree, nll_base,
                       nll_path: the same prompts' prefill (means over the P prompt positions; kl_last: the last
@@ -47,9 +47,9 @@ or the compared path's name; `path` is a compared path; KL is KL(base ‖ path):
                       prefill_kl_last, prefill_top1, ratio (= kl_mean / prefill_kl)
     generation_summary path, group (and "all"), prompts, new_tokens, exact_match_rate, mean_first_divergence,
                       nll_base_cont, nll_path_cont (token-weighted), nll_ratio
-    verdict           path, kind, name, value, text (driftscope.report.verdict)
+    verdict           path, kind, name, key, value, text (driftscope.report.verdict)
 The environment records `compared` ({flag, paths, by}: which path `8bit` resolved to and why), the attention
-implementation of each side and each sage path's implementation.
+implementation of each side, each sage path's implementation and `notes` (skipped prompt lengths or chat prompts).
 """
 from __future__ import annotations
 
@@ -341,6 +341,21 @@ class CachedTokenizer:
         return self._memo[key]
 
 
+def summaries(tables: dict[str, pd.DataFrame], resamples: int = 2000, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """The summary tables (summary, decode_summary, generation_summary) and the verdict of an evaluate run's
+    per-prompt tables: what a complete run stores at its end, rebuilt here also for an interrupted run's file
+    (`summaries({n: run.table(n) for n in run.tables()})`)."""
+    out = {}
+    if "perplexity" in tables and "logits" in tables:
+        out["summary"] = summarize(tables["perplexity"], tables["logits"], resamples, seed)
+    if "decode" in tables and "decode_prefill" in tables:
+        out["decode_summary"] = summarize_decode(tables["decode"], tables["decode_prefill"])
+    if "generations" in tables:
+        out["generation_summary"] = summarize_generations(tables["generations"])
+    out["verdict"] = verdicts.verdict_rows({**tables, **out})
+    return out
+
+
 def _columns(df: pd.DataFrame) -> dict:
     return {c: (df[c].astype(str).to_numpy(dtype=str) if df[c].dtype == object else df[c].to_numpy()) for c in df}
 
@@ -455,12 +470,6 @@ def run_evaluate(config: EvaluateConfig | None = None, *, out: str | Path | None
             index += 1
 
         tables = {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()}
-        summaries = {"summary": summarize(tables["perplexity"], tables["logits"], config.bootstrap, config.seed)}
-        if "decode" in tables:
-            summaries["decode_summary"] = summarize_decode(tables["decode"], tables["decode_prefill"])
-        if "generations" in tables:
-            summaries["generation_summary"] = summarize_generations(tables["generations"])
-        for name, df in summaries.items():
+        for name, df in summaries(tables, config.bootstrap, config.seed).items():
             writer.append(name, _columns(df))
-        writer.append("verdict", _columns(verdicts.verdict_rows({**tables, **summaries})))
     return out

@@ -112,7 +112,7 @@ def test_bench_cli_smoke_writes_json_and_png(tmp_path):
 
 @pytest.mark.parametrize("script, out_name, keys", [
     ("bench_capture_overhead.py", "bench_capture_overhead.json",
-     ("time_ratio", "memory_ratio", "targets", "breakdown", "variants", "profile_top_ops")),
+     ("time_ratio", "memory_ratio", "targets", "breakdown", "variants", "profile_top_ops", "points")),
     ("bench_storage.py", "bench_storage.json", ("dd", "writer", "disk_MBps", "target_met", "payload_bytes")),
     ("bench_wrapper.py", "bench_wrapper.json", ("rows", "worst_path_vs_bare", "target_met_all")),
 ])
@@ -132,6 +132,8 @@ def test_experiment_scripts_smoke(tmp_path, script, out_name, keys):
         assert {"baseline", "full", "hooks_only", "no_logits_drift"} <= set(v)
         # hooks_only keeps only the non-finite guard: one count per layer and path (tiny-llama: 2 layers x 2 paths)
         assert v["full"]["metric_rows"] > v["no_outliers"]["metric_rows"] > v["hooks_only"]["metric_rows"] == 4
+        assert [(p["phase"], p["decode_steps"]) for p in data["points"]] == [("prefill", 0), ("decode", 4)]
+        assert all(p["variants"][v]["peak_bytes"] > 0 for p in data["points"] for v in ("baseline", "full"))
     if script == "bench_storage.py":
         assert set(data["writer"]) == {"lzf", "none"} and not list(tmp_path.glob(".bench-storage-*"))
     pngs = {"bench_wrapper.py": []}.get(script, [out_name.replace(".json", ".png")])

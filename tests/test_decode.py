@@ -2,6 +2,7 @@
 tables (fast), plus the emulated decode failure after short prompts on a tiny model."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -67,6 +68,17 @@ def test_emulated_sage8_decode_is_worse_after_a_partial_key_block(tiny):
     with torch.inference_mode(), registered("emulate"):
         dec, pre, _ = evaluation.decode_rows(tiny, torch.arange(3, 11), 4, {"base": "sdpa", "sage8": "sage8"})
     assert dec["kl"].mean() > 10 * pre["kl_mean"].item() > 0
+
+
+@pytest.mark.parametrize("path", ["sage2-triton", "sage2-fp8"])
+def test_emulated_sage2_decode_stays_near_its_prefill_drift(tiny, path):
+    """2.x quantizes the decode step's single query and its keys like a prefill: after the same 8-token prompt its
+    decode drift is of the order of its prefill drift, where sage8's is over 10x above it (the test above)."""
+    model = copy.deepcopy(tiny).to(torch.bfloat16)  # 2.x takes half-precision inputs only
+    with torch.inference_mode(), registered("emulate"):
+        dec, pre, _ = evaluation.decode_rows(model, torch.arange(3, 11), 4, {"base": "sdpa", path: path, "sage8": "sage8"})
+    ratio = dec.groupby("path")["kl"].mean() / pre.set_index("path")["kl_mean"]
+    assert ratio[path] < 3 and ratio["sage8"] > 10 * ratio[path], ratio.to_dict()
 
 
 def test_next_token_drift_known_values():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from driftscope.measure import drift, outliers
+from driftscope.measure import drift, outliers, smoothing
 from driftscope.measure.logits import first_divergence, perplexity
 
 
@@ -75,3 +75,66 @@ def test_perplexity_and_first_divergence():
     assert perplexity([math.log(4) * 10], [10]) == pytest.approx(4.0)
     assert first_divergence(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4])) == 2
     assert first_divergence(torch.tensor([1, 2]), torch.tensor([1, 2])) == 2
+
+
+# -- smoothing-K statistics ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantized_sample_rows_are_the_kernels_quantizer_at_those_rows(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 300, 64).to(dtype)  # 300: a partial last block
+    x[1, 5, 7] = 900  # an outlier sets its block's scale
+    x[2, 128:256] = 0  # an all-zero block: scale 0, values 0
+    rows = torch.tensor([0, 5, 127, 128, 200, 299])
+    full = smoothing._dequant(x, 128, 0.125 * smoothing.LOG2E)
+    assert torch.equal(smoothing._dequant_rows(x, rows, 128, 0.125 * smoothing.LOG2E), full[:, rows])
+
+
+def test_score_rows_keep_a_fixed_budget_of_score_entries():
+    assert [smoothing.score_rows(t) for t in (8, 300, 2048, 8192, 32768, 1 << 20)] == [8, 256, 256, 64, 16, 16]
+
+
+def test_smoothing_stats_against_a_float64_reference():
+    """Every statistic against a direct float64 computation on all query rows (a short prompt samples them all),
+    on K with a per-channel offset that smoothing removes."""
+    torch.manual_seed(1)
+    T, D = 96, 64
+    q = torch.randn(4, T, D).half()
+    k = (torch.randn(2, T, D) + 8 * torch.randn(2, 1, D)).half()  # a shared offset per channel
+    got = smoothing.smoothing_stats(q, k)
+    assert got[("qk_rows", None)].tolist() == [T, T]
+    sm = D ** -0.5 * smoothing.LOG2E
+    q64, k64 = q.double(), k.double()
+    mask = torch.ones(T, T).tril().bool()
+
+    def centred_sq(s):  # per KV head (2 query heads each), over causal entries
+        s = torch.where(mask, s, torch.nan)
+        return ((s - s.nanmean(-1, keepdim=True)) ** 2).nansum((1, 2)).view(2, 2).sum(1)
+
+    exact = (q64 * sm) @ k64.repeat_interleave(2, 0).transpose(1, 2)
+    q_hat = smoothing._dequant(q, 128, sm).double()
+    mean_bias = k64.mean(1).norm(dim=-1) / k64.norm(dim=-1).mean(1)
+    assert torch.allclose(got[("channel_bias", None)], mean_bias, rtol=1e-5)
+    for variant, smooth in smoothing.VARIANTS.items():
+        k_in = k - k.mean(1, keepdim=True) if smooth else k
+        k_hat = smoothing._dequant(k_in, 64, 1.0).double()
+        k_err = ((k_hat - k_in.double()) ** 2).sum((1, 2)).sqrt() / (k64 ** 2).sum((1, 2)).sqrt()
+        assert torch.allclose(got[("k_quant_err", variant)], k_err, rtol=1e-5)
+        s_var = (q64 * sm) @ k_in.double().repeat_interleave(2, 0).transpose(1, 2)
+        s_hat = q_hat @ k_hat.repeat_interleave(2, 0).transpose(1, 2)
+        qk_err = (centred_sq(s_hat - s_var) / centred_sq(exact)).sqrt()
+        assert torch.allclose(got[("qk_quant_err", variant)], qk_err, rtol=1e-4)
+    # the effect itself: smoothing removes the offset that dominates K's INT8 error
+    assert (got[("k_quant_err", "sage8")] < got[("k_quant_err", "sage8-nosmooth")] / 4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_massive_activations_are_the_top_k_of_all_values(dtype):
+    torch.manual_seed(2)
+    x = torch.randn(50, 40).to(dtype)
+    x[3, 7], x[3, 9], x[3, 11], x[40, 0] = 300, -250, 200, 90  # three of the top values in one token
+    values, tok, ch = outliers.massive_activations(x, 8)
+    flat = x.abs().float().reshape(-1).topk(8)
+    assert torch.equal(values, flat.values.double())
+    assert torch.equal(x[tok, ch].abs().float(), flat.values)
+    assert (tok[:4].tolist(), ch[:4].tolist()) == ([3, 3, 3, 40], [7, 9, 11, 0])

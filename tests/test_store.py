@@ -177,18 +177,15 @@ def test_bad_appends(tmp_path):
         w.commit_prompt(0)
 
 
-def test_million_rows_are_cheap(tmp_path):
-    import time
+def test_a_million_rows_in_appended_parts_read_back_in_order(tmp_path):
+    """(Their speed is benchmarked by experiments/bench_storage.py, not timed here.)"""
     n = 1_000_000
-    t = time.perf_counter()
     with writer(tmp_path / "big.h5") as w:
         for i in range(4):
             w.append("metrics", rows(i, n // 4))
         w.commit_prompt(0)
-    wrote = time.perf_counter() - t
-    t = time.perf_counter()
-    assert len(store.open_run(tmp_path / "big.h5").metrics()) == n
-    assert wrote < 5 and time.perf_counter() - t < 5
+    got = store.open_run(tmp_path / "big.h5").metrics()
+    assert len(got) == n and (np.diff(got["prompt"].to_numpy()) >= 0).all()
 
 
 def test_torch_tensors_are_copied_at_call(tmp_path):

@@ -38,8 +38,12 @@ def channel_absmax(x_HxTxC: torch.Tensor) -> torch.Tensor:
 
 
 def massive_activations(resid_TxC: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k largest |values| of a [tokens, hidden] residual stream: (values, token indices, channel indices)."""
-    flat = resid_TxC.abs().reshape(-1)
-    values, idx = flat.to(torch.float32).topk(min(k, flat.numel()))
-    C = resid_TxC.shape[1]
-    return values.to(torch.float64), idx // C, idx % C
+    """The k largest |values| of a [tokens, hidden] residual stream: (values, token indices, channel indices).
+
+    Only the k tokens with the largest absmax can hold them (a value outside those tokens has k larger-or-equal
+    values in other tokens), so this reads the stream once for the per-token absmax and then k rows, instead of
+    sorting all tokens x hidden values."""
+    T, C = resid_TxC.shape
+    tokens = resid_TxC.abs().amax(1).topk(min(k, T)).indices
+    values, idx = resid_TxC[tokens].abs().to(torch.float32).reshape(-1).topk(min(k, tokens.numel() * C))
+    return values.to(torch.float64), tokens[idx // C], idx % C

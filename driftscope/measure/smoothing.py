@@ -14,6 +14,7 @@ Smoothing is done as the kernel does it: k - k.mean(tokens), in the input dtype.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from driftscope import paths
@@ -29,9 +30,31 @@ def _dequant(x_HxTxD: torch.Tensor, block: int, scale_mul: float) -> torch.Tenso
     return x_int8[0].to(torch.float32) * per_token[..., None]
 
 
+def _dequant_rows(x_HxTxD: torch.Tensor, rows: torch.Tensor, block: int, scale_mul: float) -> torch.Tensor:
+    """`_dequant(x, block, scale_mul)[:, rows]` without quantizing the other rows: each row with the scale of its
+    whole block (absmax over the block, taken in the input dtype: |x| * scale_mul rounds monotonically, so the
+    max commutes with the fp32 multiply), rounded as the kernel rounds (half away from zero)."""
+    H, T, D = x_HxTxD.shape
+    nblk = -(-T // block)
+    padded = torch.nn.functional.pad(x_HxTxD.abs(), (0, 0, 0, nblk * block - T))
+    absmax = padded.view(H, nblk, block * D).amax(-1).to(torch.float32)  # [H, nblk]
+    scale = (absmax * torch.tensor(np.float32(scale_mul))) / 127.0
+    scale_r = scale[:, rows // block, None]  # [H, R, 1]
+    xi = x_HxTxD[:, rows].to(torch.float32) * torch.tensor(np.float32(scale_mul)) / scale_r
+    xi = (xi + torch.where(xi >= 0, 0.5, -0.5)).trunc().nan_to_num(0.0)  # 0/0 of an all-zero block -> 0
+    return xi * scale_r
+
+
+def score_rows(T: int, rows: int = 256, budget: int = 1 << 19) -> int:
+    """Query rows sampled for the QK^T statistics: `rows`, fewer for long prompts so that rows x keys stays within
+    `budget` score entries per head (2,048 tokens: 256 rows, 8k: 64, 32k: 16); at least 16."""
+    return max(1, min(rows, T, max(16, budget // T)))
+
+
 def smoothing_stats(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 256,
                     scale: float | None = None) -> dict[tuple[str, str | None], torch.Tensor]:
-    """{(metric, variant): values [kv_heads]}; variant None for statistics of K itself."""
+    """{(metric, variant): values [kv_heads]}; variant None for statistics of K itself (and ("qk_rows", None):
+    the number of query rows the scores were sampled at, `score_rows(T, rows)`)."""
     Hq, T, D = q_HxTxD.shape
     Hkv = k_HxTxD.shape[0]
     group = Hq // Hkv
@@ -41,31 +64,33 @@ def smoothing_stats(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 25
     out[("channel_bias", None)] = (k32.mean(1).norm(dim=-1) / k32.norm(dim=-1).mean(1)).to(torch.float64)
 
     # Sampled causal query rows, and the exact unsmoothed scores they see.
-    qi = torch.linspace(0, T - 1, min(rows, T), device=q_HxTxD.device).round().long().unique()
+    R = score_rows(T, rows)
+    qi = torch.linspace(0, T - 1, R, device=q_HxTxD.device).round().long().unique()
+    out[("qk_rows", None)] = torch.full((Hkv,), float(qi.numel()), dtype=torch.float64, device=qi.device)
     mask = torch.arange(T, device=q_HxTxD.device)[None, :] <= qi[:, None]  # [R, T]
-    q_hat = _dequant(q_HxTxD, 128, sm)[:, qi]  # [Hq, R, D], already scaled by sm
-    q_exact = q_HxTxD.to(torch.float32)[:, qi] * sm
+    q_hat = _dequant_rows(q_HxTxD, qi, 128, sm)  # [Hq, R, D], already scaled by sm
+    q_exact = q_HxTxD[:, qi].to(torch.float32) * sm
     k_rep = k32.repeat_interleave(group, dim=0)
     s_exact = q_exact @ k_rep.transpose(1, 2)  # [Hq, R, T]
     denom = _centred_sq(s_exact, mask).view(Hkv, group).sum(1)
-    k_norm_sq = k32.pow(2).sum(dim=(1, 2))
+    k_norm_sq = k32.square().sum(dim=(1, 2), dtype=torch.float64)
 
     for variant, smooth in VARIANTS.items():
         k_in = k_HxTxD - k_HxTxD.mean(dim=1, keepdim=True) if smooth else k_HxTxD
         k_hat = _dequant(k_in, 64, 1.0)
         k_in32 = k_in.to(torch.float32)
-        out[("k_quant_err", variant)] = ((k_hat - k_in32).pow(2).sum(dim=(1, 2)) / k_norm_sq).sqrt().to(torch.float64)
+        err_sq = (k_hat - k_in32).square().sum(dim=(1, 2), dtype=torch.float64)
+        out[("k_quant_err", variant)] = (err_sq / k_norm_sq).sqrt()
         s_var = q_exact @ k_in32.repeat_interleave(group, dim=0).transpose(1, 2)
         s_hat = q_hat @ k_hat.repeat_interleave(group, dim=0).transpose(1, 2)
-        err = _centred_sq(s_hat - s_var, mask).view(Hkv, group).sum(1)
+        err = _centred_sq(s_hat.sub_(s_var), mask).view(Hkv, group).sum(1)
         out[("qk_quant_err", variant)] = (err / denom.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
     return out
 
 
 def _centred_sq(x_HxRxT: torch.Tensor, mask_RxT: torch.Tensor) -> torch.Tensor:
-    """Sum over causal entries of (x - its row mean)^2, per head, in float64."""
-    x = x_HxRxT.to(torch.float64)
-    m = mask_RxT.to(torch.float64)
-    mean = (x * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
-    return ((x - mean).pow(2) * m).sum(dim=(1, 2))
-
+    """Sum over causal entries of (x - its row mean)^2, per head: float32 elementwise (a row's mean is removed
+    before squaring, so nothing cancels), float64 sums."""
+    x = x_HxRxT.masked_fill(~mask_RxT, 0.0)
+    mean = x.sum(-1, keepdim=True, dtype=torch.float64) / mask_RxT.sum(-1, keepdim=True)
+    return x.sub_(mean.to(torch.float32)).masked_fill_(~mask_RxT, 0.0).square_().sum(dim=(1, 2), dtype=torch.float64)

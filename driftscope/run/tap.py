@@ -22,15 +22,14 @@ import torch
 from driftscope import paths
 from driftscope.hooks import decode
 from driftscope.hooks.layers import instrumented
-from driftscope.measure import drift, outliers, smoothing
+from driftscope.measure import fused, outliers, smoothing
 from driftscope.measure.records import Records
 
 SITES = ("q", "k", "v", "attn_out", "resid", "logits")
 POSITION_BINS = 128  # per-position curves are binned to at most this many points
-HEAD_METRICS = ("cosine", "rel_l2", "rel_l1")  # per head; all of drift.DRIFT_METRICS over all heads
+HEAD_METRICS = ("cosine", "rel_l2", "rel_l1")  # per head; all of fused.DRIFT_METRICS over all heads
 MASSIVE_TOP_K = 8
 SCORE_ROWS = 256  # query rows sampled for the QK^T quantization error
-LOGITS_CHUNK = 1 << 22
 # The statistics a tap computes, switchable for benchmarks' per-piece cost breakdown (a run file needs them all).
 PIECES = frozenset({"attn_drift", "resid_drift", "logits_drift", "outliers", "resid_stats", "smoothing"})
 
@@ -97,7 +96,7 @@ class Tap:
             for fn in self.path_fns[1:]:
                 out_fn = fn(query, key, value, causal=causal, scale=scale)
                 self._nonfinite(layer, fn.name, out_fn)
-                self._drift(layer, "attn_out", fn.name, out_fn[0], ref[0])
+                self._site(layer, "attn_out", out_fn[0], fn.name, ref[0])
             self._observe(layer, query, key, value, ref)
             out = ref
         return out
@@ -106,73 +105,85 @@ class Tap:
         """The count of non-finite values a path's attention output holds (a kernel bug, never silently averaged)."""
         self.records.add(layer, "attn_out", path, "nonfinite", out.isfinite().logical_not().sum(), heads=False)
 
-    def _drift(self, layer: int, site: str, path: str, x: torch.Tensor, ref: torch.Tensor, heads: bool = True,
-               chunk: int | None = None) -> None:
-        if {"resid": "resid_drift", "logits": "logits_drift"}.get(site, "attn_drift") not in self.pieces:
+    def _site(self, layer: int, site: str, x: torch.Tensor, path: str, ref: torch.Tensor | None = None,
+              ref_path: str = "", *, stats_of: tuple[str, ...] = (), heads: bool = True, profile: bool = False) -> None:
+        """Every statistic of one site from one fused read of x and ref (driftscope.measure.fused): drift of x
+        against ref, the outlier statistics of the tensors in `stats_of` ("x": path's, "ref": ref_path's), the
+        per-position curve in prefill, and with `profile` the reference's channel profiles (K's smoothed too).
+
+        heads: per-head drift and statistics (values over all heads are recorded either way); False for sites
+        without heads and for a decode step's q, k, v (one token per head: per-head values there are noise)."""
+        if ref is not None and self._drift_piece(site) not in self.pieces:  # (benchmarks' per-piece breakdown)
+            if "ref" in stats_of:
+                self._site(layer, site, ref, ref_path, stats_of=("x",), heads=heads, profile=profile)
+            ref, stats_of, profile = None, tuple(w for w in stats_of if w == "x"), False
+        if ref is None and not stats_of:
             return
+        prefill = self.records.context.phase == "prefill"
+        positions = ref is not None and prefill and site in ("attn_out", "resid")
+        s = fused.site_stats(x, ref, stats_of=stats_of, positions=positions)
         rec = self.records
-        if heads:
-            sums = drift.drift_sums(x, ref)
-            n = x[0].numel()
-            per_head = drift.drift_from_sums(sums, n)
-            for metric in HEAD_METRICS:
-                rec.add(layer, site, path, metric, per_head[metric])
-            pooled = drift.drift_from_sums(drift.pool(sums), n * x.shape[0])
-        else:
-            pooled = drift.drift(x.reshape(1, -1), ref.reshape(1, -1), chunk=chunk)
-        for metric, values in pooled.items():
-            rec.add(layer, site, path, metric, values, heads=False)
-        if self.records.context.phase == "prefill" and site in ("attn_out", "resid"):
-            x3 = x if x.dim() == 3 else x[None]
-            r3 = ref if ref.dim() == 3 else ref[None]
-            starts, curve = drift.rel_l2_by_position(x3, r3, POSITION_BINS)
-            rec.add(layer, site, path, "rel_l2_pos", curve, heads=False, index=starts)
+        if ref is not None:
+            if heads:
+                for metric, values in fused.drift(s).items():
+                    if metric in HEAD_METRICS:
+                        rec.add(layer, site, path, metric, values)
+            for metric, values in fused.drift(s, pooled=True).items():
+                rec.add(layer, site, path, metric, values, heads=False)
+            if positions:
+                starts, curve = fused.rel_l2_by_position(s, POSITION_BINS)
+                rec.add(layer, site, path, "rel_l2_pos", curve, heads=False, index=starts)
+        for of in stats_of:
+            for metric, values in fused.outliers(s, of).items():
+                rec.add(layer, site, path if of == "x" else ref_path, metric, values, heads=heads)
+        if profile:
+            of = "ref" if "ref" in stats_of else "x"
+            owner = ref_path if of == "ref" else path
+            idx = torch.arange(s.shape[2], device=x.device)
+            rec.add(layer, site, owner, "absmax_channel", fused.channel_absmax(s, of), index=idx)
+            if site == "k":  # and K as the kernel quantizes it with smoothing on
+                rec.add(layer, site, owner, "absmax_channel_smoothed", fused.channel_absmax(s, of, smoothed=True),
+                        index=idx)
+
+    @staticmethod
+    def _drift_piece(site: str) -> str:
+        return {"resid": "resid_drift", "logits": "logits_drift"}.get(site, "attn_drift")
+
+    def _rows(self, t: torch.Tensor, layer: int, site: str, stats_piece: str, heads: bool = True,
+              profile: bool = False) -> None:
+        """A lockstep site (row r runs path r): each row against row 0, one fused read per row; outlier statistics
+        of the first row of each path (repeats add none) and the reference's channel profiles."""
+        names = self.names
+        stat_rows = set(self._first_rows()) if self._stats_now() and stats_piece in self.pieces else set()
+        profile = profile and 0 in stat_rows
+        if self.mode != "propagated" or t.shape[0] == 1:  # one row: its statistics only
+            if stat_rows:
+                self._site(layer, site, t[0], names[0], stats_of=("x",), heads=heads, profile=profile)
+            return
+        for r in range(1, t.shape[0]):
+            stats_of = (("ref",) if r == 1 and 0 in stat_rows else ()) + (("x",) if r in stat_rows else ())
+            self._site(layer, site, t[r], names[r], t[0], names[0], stats_of=stats_of, heads=heads,
+                       profile=profile and r == 1)
 
     def _observe(self, layer: int, query, key, value, out) -> None:
         """Drift of each row against row 0 at q, k, v (new tokens) and attn_out, plus statistics and storage."""
         Tq = query.shape[2]
         sites = {"q": query, "k": key[:, :, -Tq:], "v": value[:, :, -Tq:], "attn_out": out}
-        names = self.names
-        rows = range(out.shape[0])
         decode = self.records.context.phase == "decode"
         for site, t in sites.items():
-            if self.mode == "propagated":
-                # A decode step's q, k, v are one token per head: per-head values there are noise, pooled ones are not.
-                per_head = not (decode and site in ("q", "k", "v"))
-                for r in rows[1:]:
-                    self._drift(layer, site, names[r], t[r], t[0], heads=per_head)
-            if self._stats_now():
-                for r in self._first_rows() if self.mode == "propagated" else [0]:
-                    # channel profiles of the reference row only: other rows see (nearly) the same q, k, v
-                    self._outliers(layer, site, names[r], t[r], profile=r == 0 and site in ("q", "k", "v"))
+            qkv = site in ("q", "k", "v")
+            self._rows(t, layer, site, "outliers", heads=not (decode and qkv), profile=qkv)
             if self.sink is not None and self.store.wants(site, layer):
-                for r in rows:
-                    self._store(layer, site, names[r], t[r])
-        if self._stats_now():
+                for r in range(out.shape[0]):
+                    self._store(layer, site, self.names[r], t[r])
+        if self._stats_now() and "smoothing" in self.pieces:
             self._smoothing(layer, query[0], key[:, :, -Tq:][0])
 
     def _stats_now(self) -> bool:
         return self.with_stats and self.records.context.phase == "prefill"
 
-    def _outliers(self, layer: int, site: str, path: str, x_HxTxD: torch.Tensor, profile: bool) -> None:
-        if "outliers" not in self.pieces:
-            return
-        rec = self.records
-        for metric, values in outliers.outliers(x_HxTxD).items():
-            rec.add(layer, site, path, metric, values)
-        if profile:
-            profiles = {"absmax_channel": outliers.channel_absmax(x_HxTxD)}  # [H, C]
-            if site == "k":  # and K as the kernel quantizes it with smoothing on
-                profiles["absmax_channel_smoothed"] = outliers.channel_absmax(x_HxTxD - x_HxTxD.mean(dim=1, keepdim=True))
-            idx = torch.arange(x_HxTxD.shape[-1], device=x_HxTxD.device)
-            for metric, ch in profiles.items():
-                for h in range(ch.shape[0]):
-                    rec.add(layer, site, path, metric, ch[h], heads=False, head=h, index=idx)
-
     def _smoothing(self, layer: int, q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor) -> None:
         """Smoothing-K statistics per KV head, from the reference row (see driftscope.measure.smoothing)."""
-        if "smoothing" not in self.pieces:
-            return
         stats = smoothing.smoothing_stats(q_HxTxD, k_HxTxD, rows=SCORE_ROWS)
         ref = self.names[0]
         for (metric, variant), values in stats.items():
@@ -192,28 +203,22 @@ class Tap:
 
     # -- residual stream and logits ----------------------------------------------------------------
     def residual(self, layer: int, resid: torch.Tensor) -> None:
-        names = self.names
-        if self.mode == "propagated":
-            for r in range(1, resid.shape[0]):
-                self._drift(layer, "resid", names[r], resid[r], resid[0], heads=False)
+        self._rows(resid, layer, "resid", "resid_stats", heads=False)
         if self._stats_now() and "resid_stats" in self.pieces:
             for r in self._first_rows() if self.mode == "propagated" else [0]:
-                x = resid[r]
-                for metric, values in outliers.outliers(x[None]).items():
-                    self.records.add(layer, "resid", names[r], metric, values, heads=False)
-                values, tok, ch = outliers.massive_activations(x, MASSIVE_TOP_K)
+                values, tok, ch = outliers.massive_activations(resid[r], MASSIVE_TOP_K)
                 rank = torch.arange(values.numel(), device=values.device)
                 for metric, v in (("massive_value", values), ("massive_token", tok), ("massive_channel", ch)):
-                    self.records.add(layer, "resid", names[r], metric, v.to(torch.float64), heads=False, index=rank)
+                    self.records.add(layer, "resid", self.names[r], metric, v, heads=False, index=rank)
         if self.sink is not None and self.store.wants("resid", layer):
             for r in range(resid.shape[0]):
-                self._store(layer, "resid", names[r], resid[r])
+                self._store(layer, "resid", self.names[r], resid[r])
 
     def logits(self, logits_BxTxV: torch.Tensor) -> None:
         if self.mode != "propagated":
             return
         for r in range(1, logits_BxTxV.shape[0]):
-            self._drift(-1, "logits", self.names[r], logits_BxTxV[r], logits_BxTxV[0], heads=False, chunk=LOGITS_CHUNK)
+            self._site(-1, "logits", logits_BxTxV[r], self.names[r], logits_BxTxV[0], heads=False)
 
 
 def nonfinite_warnings(columns: dict) -> list[str]:

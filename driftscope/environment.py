@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from driftscope.errors import DeviceError, OutputError, OutputExistsError
+from driftscope.store.journal import journal_path
 
 DEVICES = "auto, cpu, cuda or cuda:N"
 
@@ -151,6 +152,14 @@ def remove_dirs(made: list[Path]) -> None:
             d.rmdir()
         except OSError:
             break
+
+
+def discard_run_file(path: Path, made: list[Path]) -> None:
+    """Removes a run file that committed no prompt, its journal and the folders made for it, so that a rerun is
+    not refused for an existing output. Only for a file this run created (or replaced)."""
+    for p in (Path(path), Path(journal_path(path))):
+        p.unlink(missing_ok=True)
+    remove_dirs(made)
 
 
 # -- what a run file records -----------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ class ConfigError(DriftscopeError, ValueError):
     pass
 
 
+class UnsupportedModelError(DriftscopeError, TypeError):
+    """A model whose structure driftscope cannot instrument (no decoder `layers`)."""
+
+
 class DeviceError(DriftscopeError, ValueError):
     """A device, device map or sage implementation this machine cannot provide."""
 

@@ -12,7 +12,7 @@ EXAMPLES = """\
   python -m driftscope.evaluate --quant-attention 8bit       # CPU (emulated), about 3 min: prints the verdict
   python -m driftscope.evaluate --quant-attention off        # both sides SDPA: every delta is exactly 0
   python -m driftscope.evaluate --paths sage8,sage8-nosmooth --prompt-lengths 8,64,65,128 --decode-windows 4
-  python -m driftscope.evaluate --prompts-file my_prompts.jsonl --quant-attention 8bit --chat 0 --generate 0,64
+  python -m driftscope.evaluate --prompts-file experiments/prompts.jsonl --quant-attention 8bit --chat 0 --generate 0,64
   python -m driftscope.evaluate --model llama3-8b --quant-attention 8bit --contexts 512,2048,max --windows 20
 """
 

@@ -12,7 +12,8 @@ from typing import Sequence
 from driftscope import cli
 
 EXAMPLES = """\
-  python -m driftscope.figures runs/a.h5 --out runs/figures     # a run file written by driftscope.capture
+  # runs/a.h5 is written by: python -m driftscope.capture --lengths 512 --out runs/a.h5
+  python -m driftscope.figures runs/a.h5 --out runs/figures
   python -m driftscope.figures experiments/results/smollm2-135m-cpu-512.h5 --out /tmp/figures
   # the committed figures (see the README's Reproduce section)
   python -m driftscope.figures experiments/results/smollm2-135m-h100-2048.h5 \\

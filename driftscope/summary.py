@@ -7,7 +7,8 @@ from typing import Sequence
 from driftscope import cli
 
 EXAMPLES = """\
-  python -m driftscope.summary runs/a.h5                        # a run file written by driftscope.capture
+  # runs/a.h5 is written by: python -m driftscope.capture --lengths 512 --out runs/a.h5
+  python -m driftscope.summary runs/a.h5
   python -m driftscope.summary runs/a.h5 --markdown sage8       # one compared path, as in the README
   python -m driftscope.summary experiments/results/smollm2-135m-cpu-512.h5 --markdown sage8-nosmooth
 """
@@ -36,7 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{args.run} finished no prompt (status {run.status}): nothing to summarize; continue "
                               f"it with python -m driftscope.capture --resume and its options")
         reference = (run.config.get("paths") or ["?"])[0]
-        table = text.layer_summary(run.metrics(site="attn_out"))
+        metrics = run.metrics(site="attn_out")
+    for line in text.nonfinite_warnings(metrics):  # stderr: a --markdown table stays clean
+        print(line, file=sys.stderr)
+    table = text.layer_summary(metrics)
     if args.markdown is None:
         print(text.format_layer_summary(table))
         return 0

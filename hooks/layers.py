@@ -13,6 +13,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from driftscope.errors import UnsupportedModelError
+
 from .attention import LayerAttention, attention_implementation, function_registered, interface_function
 
 _ids = itertools.count()
@@ -20,10 +22,13 @@ _ids = itertools.count()
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layers of a transformers causal LM (Llama, Mistral, Qwen2/3, ...)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     layers = getattr(decoder, "layers", None)
     if layers is None:
-        raise TypeError(f"{type(model).__name__} has no decoder `layers`; driftscope supports decoder-only LMs")
+        found = "no decoder" if decoder is None else f"a decoder ({type(decoder).__name__}) without `layers`"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has {found}; driftscope accepts decoder-only LMs whose get_decoder() "
+            f"(or .model) holds the decoder layers as `layers`, as Llama, Mistral and Qwen2/3 do")
     return layers
 
 

@@ -45,6 +45,20 @@ def smol_folder(smol) -> Path:
     return embedded_folder()[0]
 
 
+# an in-memory random Llama for the fast suite: two layers, grouped-query attention (2 query heads, 1 KV head)
+TINY_LLAMA = dict(vocab_size=256, hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A random fp32 LlamaForCausalLM of TINY_LLAMA's shape, built in memory (no files); one per test module."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval()
+
+
 def save_tiny_llama(folder: Path, tokenizer_from: Path, head_dim: int = 64, layers: int = 2) -> Path:
     """A tiny random Llama checkpoint (real transformers files) with the embedded model's tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -98,10 +112,11 @@ def tiny(tmp_path_factory):
 
 
 def write_capture_run(path: Path, prompts: int = 1, layers: int = 2, heads: int = 3,
-                      paths=("fp16", "sage8")) -> Path:
+                      paths=("fp16", "sage8"), nonfinite: dict | None = None) -> Path:
     """A capture run file made by the store alone (no model): `prompts` committed prompts of attention-output
-    drift rows (cosine, rel_l2) per layer and head, propagated and isolated, prefill and decode. prompts=0 gives
-    the file a run that failed before its first prompt leaves behind (status interrupted)."""
+    drift rows (cosine, rel_l2) per layer and head, propagated and isolated, prefill and decode, and a
+    non-finite count per layer, path and phase (0, or nonfinite[(path, phase, layer)] in the propagated mode).
+    prompts=0 gives the file a run that failed before its first prompt leaves behind (status interrupted)."""
     import numpy as np
 
     from driftscope import store
@@ -117,6 +132,11 @@ def write_capture_run(path: Path, prompts: int = 1, layers: int = 2, heads: int 
                 for mode in ("propagated", "isolated") for phase in ("prefill", "decode")
                 for layer in range(layers) for head in range(heads) for path in paths[1:]
                 for metric in ("cosine", "rel_l2")]
+        rows += [dict(prompt=p, length=16, mode=mode, phase=phase, step=0 if phase == "prefill" else 1,
+                      layer=layer, head_index=-1, site="attn_out", path=path, metric="nonfinite", element=-1,
+                      value=(nonfinite or {}).get((path, phase, layer), 0) if mode == "propagated" else 0)
+                 for mode in ("propagated", "isolated") for phase in ("prefill", "decode")
+                 for layer in range(layers) for path in paths]
         writer.append("metrics", {c: np.array([r[c] for r in rows]) for c in store.METRICS_COLUMNS})
         writer.commit_prompt(p)
     writer.close("complete" if prompts else "interrupted")

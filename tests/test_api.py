@@ -49,3 +49,20 @@ def test_every_entry_point_has_help():
         assert r.returncode == 0 and "usage:" in r.stdout and not r.stderr.strip(), (argv, r.stderr)
     r = subprocess.run([exe, "nonsense"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "capture" in r.stderr
+
+
+def test_every_user_facing_error_is_a_driftscope_error_and_keeps_its_old_base():
+    from driftscope.errors import DriftscopeError, UnsupportedModelError
+    from driftscope.paths import PathError, UnknownPathError
+    from driftscope.paths.sage_triton import SageModeError, SageUnavailableError
+
+    # cli.run prints a DriftscopeError as one line; callers' `except ValueError/RuntimeError` must still work
+    for error, old_base in ((PathError, ValueError), (UnknownPathError, ValueError), (UnsupportedModelError, TypeError),
+                            (SageUnavailableError, RuntimeError), (SageModeError, RuntimeError)):
+        assert issubclass(error, DriftscopeError) and issubclass(error, old_base), error
+
+
+def test_driftscope_errors_imports_nothing_of_the_package():
+    r = _python("import sys, driftscope.errors\n"
+                "assert not [m for m in sys.modules if m.startswith('driftscope.') and m != 'driftscope.errors']")
+    assert r.returncode == 0, r.stderr

@@ -376,6 +376,33 @@ def test_summary_markdown_names_the_compared_paths(tmp_path, choice, fragments):
     assert_one_line_error(run_in_process(summary, str(run), "--markdown", choice), *fragments)
 
 
+def test_summary_and_figures_warn_of_non_finite_attention_outputs(tmp_path):
+    from driftscope import figures, summary
+
+    clean = write_capture_run(tmp_path / "clean.h5", layers=6)
+    code, _, err = run_in_process(summary, str(clean))
+    assert code == 0 and "non-finite" not in err, err
+    bad = {("sage8", "decode", layer): 3 for layer in (0, 1, 2, 3)} | {("sage8", "prefill", 5): 2}
+    run = write_capture_run(tmp_path / "bad.h5", layers=6, nonfinite=bad)
+    code, out, err = run_in_process(summary, str(run), "--markdown", "sage8")
+    assert code == 0 and "non-finite" not in out and err.splitlines() == [
+        "warning: sage8 returned 12 non-finite attention outputs (decode, layers 0-3)",
+        "warning: sage8 returned 2 non-finite attention outputs (prefill, layer 5)"], err
+    code, out, err = run_in_process(figures, str(run), "--out", str(tmp_path / "f"))
+    assert code == 0 and "  warning: sage8 returned 12 non-finite attention outputs (decode, layers 0-3)" in out
+
+
+def test_evaluate_non_finite_logits_are_one_line_per_side_and_stage():
+    from driftscope.report import text
+
+    table = pd.DataFrame({"prompt": [0, 0, 1, 1, 2], "side": ["base", "sage8", "base", "sage8", "sage8"],
+                          "stage": ["perplexity"] * 4 + ["decode"], "values": 100, "nonfinite": [0, 4, 0, 1, 7]})
+    assert text.evaluate_nonfinite_warnings(table) == [
+        "warning: sage8 returned 7 non-finite logits (decode, 1 prompt)",
+        "warning: sage8 returned 5 non-finite logits (perplexity, 2 prompts)"]
+    assert text.evaluate_nonfinite_warnings(table.assign(nonfinite=0)) == []
+
+
 def test_summary_of_an_evaluate_run_says_what_it_reads():
     from driftscope import summary
 

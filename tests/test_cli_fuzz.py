@@ -74,7 +74,7 @@ def test_examples_name_only_files_that_exist_or_that_an_earlier_example_writes()
             words = shlex.split(line)[3:]
             outputs = {w for prev, w in zip(words, words[1:]) if prev in ("--out", "--out-dir", "--tables")}
             for word in words:
-                if word.endswith((".h5", ".json", ".txt")) and word not in outputs:
+                if word.endswith((".h5", ".json", ".jsonl", ".txt")) and word not in outputs:
                     assert word in written or (REPO / word).is_file(), (name, line, word)
             written |= outputs
 

@@ -1,5 +1,5 @@
-"""Teacher-forced decode, prompts files, the verdict and the decode figures, on tiny random models and synthetic
-tables (fast), plus the emulated decode failure after short prompts on a tiny model."""
+"""Teacher-forced decode, prompts files, the verdict and the decode figures, on tiny_llama random models and synthetic
+tables (fast), plus the emulated decode failure after short prompts on a tiny_llama model."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface
 
 from driftscope import cli, paths
 from driftscope.errors import ConfigError
@@ -21,24 +21,14 @@ from driftscope.prompts import encode, read_prompts_file
 from driftscope.report import verdict
 from driftscope.run import evaluate as evaluation
 
-SHAPE = dict(vocab_size=256, hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, head_dim=64)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
-
-
 # -- the teacher-forced loop ---------------------------------------------------------------------------------
 
-def test_teacher_forced_baseline_nlls_equal_a_full_forward(tiny):
+def test_teacher_forced_baseline_nlls_equal_a_full_forward(tiny_llama):
     prompt = torch.arange(5, 17)
     with torch.inference_mode():
-        tokens, greedy_NxV = decode.greedy_logits(tiny, prompt, 7)
-        forced_NxV = decode.teacher_forced(tiny, prompt, tokens)
-        full_TxV = decode.full_logits(tiny, torch.cat([prompt, tokens])).float()
+        tokens, greedy_NxV = decode.greedy_logits(tiny_llama, prompt, 7)
+        forced_NxV = decode.teacher_forced(tiny_llama, prompt, tokens)
+        full_TxV = decode.full_logits(tiny_llama, torch.cat([prompt, tokens])).float()
     assert torch.equal(greedy_NxV, forced_NxV)  # the same loop: the baseline side of a comparison, bitwise
     assert tokens.tolist() == greedy_NxV.argmax(-1).tolist()
     ids = torch.cat([prompt, tokens])
@@ -46,35 +36,35 @@ def test_teacher_forced_baseline_nlls_equal_a_full_forward(tiny):
     assert np.abs(next_token_nll(forced_NxV, tokens) - full_nll).max() < 1e-4
 
 
-def test_decode_rows_of_the_baseline_against_itself_are_exactly_zero(tiny):
+def test_decode_rows_of_the_baseline_against_itself_are_exactly_zero(tiny_llama):
     with torch.inference_mode():
-        dec, pre, bad = evaluation.decode_rows(tiny, torch.arange(3, 11), 5, {"base": "sdpa", "sdpa": "sdpa"})
+        dec, pre, bad = evaluation.decode_rows(tiny_llama, torch.arange(3, 11), 5, {"base": "sdpa", "sdpa": "sdpa"})
     assert list(dec["step"]) == [1, 2, 3, 4, 5] and list(dec["kv_len"]) == [9, 10, 11, 12, 13]
     assert (dec["kl"] == 0).all() and (dec["top1"] == 1).all() and (dec["nll_base"] == dec["nll_path"]).all()
     assert pre["kl_mean"].item() == 0 and pre["positions"].item() == 8 and (bad["nonfinite"] == 0).all()
     # the baseline's NLLs are the full forward's: step s predicts the baseline's token s, at position 7 + s
     with torch.inference_mode():
         prompt = torch.arange(3, 11)
-        tokens, _ = decode.greedy_logits(tiny, prompt, 6)
+        tokens, _ = decode.greedy_logits(tiny_llama, prompt, 6)
         ids = torch.cat([prompt, tokens])
-        full = decode.full_logits(tiny, ids).float()
+        full = decode.full_logits(tiny_llama, ids).float()
     assert dec["token"].tolist() == tokens[1:].tolist()
     assert np.abs(dec["nll_base"].to_numpy() - token_nll(full, ids)[8:].double().numpy()).max() < 1e-4
 
 
-def test_emulated_sage8_decode_is_worse_after_a_partial_key_block(tiny):
-    """sage8's decode kernel counts the zero-filled keys of the last 64-key block: a tiny random model already
+def test_emulated_sage8_decode_is_worse_after_a_partial_key_block(tiny_llama):
+    """sage8's decode kernel counts the zero-filled keys of the last 64-key block: a tiny_llama random model already
     shows decode drift far above its prefill drift after an 8-token prompt."""
     with torch.inference_mode(), registered("emulate"):
-        dec, pre, _ = evaluation.decode_rows(tiny, torch.arange(3, 11), 4, {"base": "sdpa", "sage8": "sage8"})
+        dec, pre, _ = evaluation.decode_rows(tiny_llama, torch.arange(3, 11), 4, {"base": "sdpa", "sage8": "sage8"})
     assert dec["kl"].mean() > 10 * pre["kl_mean"].item() > 0
 
 
 @pytest.mark.parametrize("path", ["sage2-triton", "sage2-fp8"])
-def test_emulated_sage2_decode_stays_near_its_prefill_drift(tiny, path):
+def test_emulated_sage2_decode_stays_near_its_prefill_drift(tiny_llama, path):
     """2.x quantizes the decode step's single query and its keys like a prefill: after the same 8-token prompt its
     decode drift is of the order of its prefill drift, where sage8's is over 10x above it (the test above)."""
-    model = copy.deepcopy(tiny).to(torch.bfloat16)  # 2.x takes half-precision inputs only
+    model = copy.deepcopy(tiny_llama).to(torch.bfloat16)  # 2.x takes half-precision inputs only
     with torch.inference_mode(), registered("emulate"):
         dec, pre, _ = evaluation.decode_rows(model, torch.arange(3, 11), 4, {"base": "sdpa", path: path, "sage8": "sage8"})
     ratio = dec.groupby("path")["kl"].mean() / pre.set_index("path")["kl_mean"]

@@ -214,3 +214,34 @@ def test_logit_metrics_on_known_values():
     assert d["max_abs_dlogit"] == 10.0 and d["top1_agree"] == 0.8 and d["kl_max"] > 0
     assert bootstrap_ppl_delta([1.0, 2.0], [1.0, 2.0], [1, 1]) == (0.0, 0.0)
     assert first_divergence([1, 2, 3], [1, 2, 4]) == 2 and first_divergence([1, 2], [1, 2]) == 2
+
+
+def test_a_run_that_commits_nothing_leaves_no_file(tmp_path, tiny, monkeypatch):
+    model, corpus = tiny
+    out = tmp_path / "runs" / "never.h5"
+    config = EvaluateConfig(model=str(model), corpus=str(corpus), quant_attention="off", contexts=(16,), windows=2,
+                            prompt_lengths=(8,), decode_steps=2, generate=(0, 0), chat=0, bootstrap=10)
+    real = evaluation.window_rows
+    for exc in (RuntimeError("the first forward failed"), KeyboardInterrupt()):
+        def fail(*a, **k):
+            raise exc
+        monkeypatch.setattr(evaluation, "window_rows", fail)
+        with pytest.raises(type(exc)):
+            evaluation.run_evaluate(config, out=out, progress=False)
+        assert not list(tmp_path.iterdir())  # no run file, no journal, no runs/ folder
+    calls = []
+
+    def fail_second(*a, **k):  # a window committed, then a failure: the file stays
+        if calls:
+            raise RuntimeError("the second window failed")
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluation, "window_rows", fail_second)
+    with pytest.raises(RuntimeError):
+        evaluation.run_evaluate(config, out=out, progress=False)
+    with store.open_run(out) as run:
+        assert run.status == "interrupted" and run.prompts()["complete"].tolist() == [True]
+    monkeypatch.setattr(evaluation, "window_rows", real)
+    evaluation.run_evaluate(config, out=out, overwrite=True, progress=False)  # and a finished run stays
+    assert _tables(out)["perplexity"]["window"].tolist() == [0, 0, 1, 1]

@@ -37,7 +37,7 @@ def _dequant_rows(x_HxTxD: torch.Tensor, rows: torch.Tensor, block: int, scale_m
     H, T, D = x_HxTxD.shape
     nblk = -(-T // block)
     padded = torch.nn.functional.pad(x_HxTxD.abs(), (0, 0, 0, nblk * block - T))
-    absmax = padded.view(H, nblk, block * D).amax(-1).to(torch.float32)  # [H, nblk]
+    absmax = padded.reshape(H, nblk, block * D).amax(-1).to(torch.float32)  # [H, nblk]
     scale = (absmax * torch.tensor(np.float32(scale_mul))) / 127.0
     scale_r = scale[:, rows // block, None]  # [H, R, 1]
     xi = x_HxTxD[:, rows].to(torch.float32) * torch.tensor(np.float32(scale_mul)) / scale_r

@@ -1,7 +1,9 @@
 """The attention paths' input errors (re-exported by `driftscope.paths`): one sentence naming the bad value."""
+from driftscope.errors import DriftscopeError
 
 
-class PathError(ValueError):
+# ValueError kept as a base so that callers' `except ValueError` still catch it
+class PathError(DriftscopeError, ValueError):
     """Base of every input error raised by the attention paths."""
 
 

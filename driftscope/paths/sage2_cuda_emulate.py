@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from . import gpu_arith
 
@@ -136,10 +137,11 @@ def _emulate(q, k, v, causal, scale, smooth_k, kn, fp22_bits, fp22_chunk):
     ck = kn.cta_k
     nk = -(-Tk // ck)
     pad = nk * ck - Tk
-    # key blocks as batch entries: k8_blk [B,Hkv,nk,D,ck], v_blk [B,Hkv,nk,ck,D], k_scale_blk [B,Hkv,nk,1,ck]
-    k8_blk = torch.nn.functional.pad(k8.to(torch.float32), (0, 0, 0, pad)).view(B, Hkv, nk, ck, D).transpose(-1, -2)
-    v_blk = torch.nn.functional.pad(vq, (0, 0, 0, pad)).view(B, Hkv, nk, ck, D)
-    ks_blk = torch.nn.functional.pad(k_scale, (0, pad)).view(B, Hkv, nk, 1, ck)
+    # key blocks as batch entries (k transposed for QKᵀ), keys padded to whole blocks
+    k8_blk = rearrange(torch.nn.functional.pad(k8.to(torch.float32), (0, 0, 0, pad)),
+                       "b h (n t) d -> b h n d t", t=ck)  # [B,Hkv,nk,D,ck]
+    v_blk = rearrange(torch.nn.functional.pad(vq, (0, 0, 0, pad)), "b h (n t) d -> b h n t d", t=ck)  # [B,Hkv,nk,ck,D]
+    ks_blk = rearrange(torch.nn.functional.pad(k_scale, (0, pad)), "b h (n t) -> b h n 1 t", t=ck)  # [B,Hkv,nk,1,ck]
     q8f = q8.to(torch.float32).view(B, Hkv, G, Tq, D)
     q_scale = q_scale.view(B, Hkv, G, Tq)
 

@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from . import gpu_arith
 
@@ -133,11 +134,12 @@ def _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_ac
     k8, k_scale = quantize_per_block(ks, BLOCK_K, 1.0, gpu_div)  # [B,Hkv,Tk,D], [B,Hkv,nk]
     nq, nk = q_scale.shape[-1], k_scale.shape[-1]
     Tkp = nk * BLOCK_K
-    # key blocks as batch entries: k8_blk [B,Hkv,nk,D,64], v_blk [B,Hkv,nk,64,D], k_scale [B,Hkv,nk,1,1]
-    k8_blk = torch.nn.functional.pad(k8.to(torch.float32), (0, 0, 0, Tkp - Tk)).view(B, Hkv, nk, BLOCK_K, D)
-    k8_blk = k8_blk.transpose(-1, -2)
-    v_blk = torch.nn.functional.pad(v16.to(torch.float32), (0, 0, 0, Tkp - Tk)).view(B, Hkv, nk, BLOCK_K, D)
-    ks_blk = k_scale.view(B, Hkv, nk, 1, 1)
+    # key blocks as batch entries (k transposed for QKᵀ), keys padded to whole blocks
+    k8_blk = rearrange(torch.nn.functional.pad(k8.to(torch.float32), (0, 0, 0, Tkp - Tk)),
+                       "b h (n t) d -> b h n d t", t=BLOCK_K)  # [B,Hkv,nk,D,64]
+    v_blk = rearrange(torch.nn.functional.pad(v16.to(torch.float32), (0, 0, 0, Tkp - Tk)),
+                      "b h (n t) d -> b h n t d", t=BLOCK_K)  # [B,Hkv,nk,64,D]
+    ks_blk = k_scale.view(B, Hkv, nk, 1, 1)  # a scale per key block
     q8f = q8.to(torch.float32).view(B, Hkv, G, Tq, D)
     q_scale = q_scale.view(B, Hkv, G, nq)
     if causal:

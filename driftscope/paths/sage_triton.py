@@ -22,14 +22,16 @@ from types import SimpleNamespace
 
 import torch
 
+from driftscope.errors import DriftscopeError
+
 MIN_TRITON_INTERPRET = (3, 9)
 
 
-class SageUnavailableError(RuntimeError):
+class SageUnavailableError(DriftscopeError, RuntimeError):
     """sageattention / triton missing, or too old for the interpreter."""
 
 
-class SageModeError(RuntimeError):
+class SageModeError(DriftscopeError, RuntimeError):
     """The kernels were already imported in the other mode (compiled vs interpreted) in this process."""
 
 

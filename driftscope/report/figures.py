@@ -22,7 +22,7 @@ import pandas as pd
 
 from driftscope import environment, store
 from driftscope.errors import DriftscopeError, OutputExistsError
-from driftscope.report import latex, plots, tables
+from driftscope.report import latex, plots, tables, text
 
 CAPTURE_FIGURES = ("heatmap", "depth", "position", "smoothing", "k_profile", "massive", "decode_kv")
 QUICK_FIGURES = ("heatmap", "depth", "smoothing")
@@ -360,10 +360,16 @@ def _regenerate(inputs: list[Path], names: list[str], out: Path, tables: Path | 
                 df = metrics_with_meta(run)
                 results[name] = capture_figures(run, out, name, log=log, df=df)
                 captures.append(_run_facts(run, name, df))
+                bad = text.nonfinite_warnings(df)
             elif run.kind == "evaluate":
                 results[name] = evaluate_figure(run, out, name, log)
+                bad = (text.evaluate_nonfinite_warnings(run.table("nonfinite"))
+                       if "nonfinite" in run.tables() else [])
             else:
                 log(f"  skipped: a run file of kind {run.kind!r} has no figures")
+                bad = []
+        for line in bad:  # no figure shows them
+            log(f"  {line}")
     if tables is not None:
         figures_argv = argv or ["python", "-m", "driftscope.figures", *map(str, inputs), "--out", str(out),
                                 "--tables", str(tables)]

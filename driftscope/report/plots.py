@@ -96,6 +96,12 @@ def _suptitle(fig: plt.Figure, df: pd.DataFrame, what: str, detail: str) -> None
     fig.suptitle(f"{what}{' — ' + who if who else ''}\n{detail}")
 
 
+def _finish_drift(fig: plt.Figure, df: pd.DataFrame, what: str, detail: str, save_to, close: bool) -> plt.Figure:
+    """Titles a drift figure "<what> vs <the reference path>" over `detail`, then saves it."""
+    _suptitle(fig, df, f"{what} vs {tables.reference(df)}", detail)
+    return _finish(fig, save_to, close)
+
+
 def _log_or_linear(ax, values, axis: str = "y") -> None:
     v = np.asarray(values, dtype=float)
     if np.any(v > 0) and np.nanmax(v) / np.nanmin(v[v > 0]) > 20:
@@ -113,6 +119,7 @@ def drift_heatmap(df: pd.DataFrame, save_to=None, metric: str = "rel_l2", mode: 
     when the values span more than a decade), the worst head of each path outlined."""
     mode = tables.available_mode(df, site, mode)
     data = tables.head_drift(df, metric, mode, phase, site, length)
+    length = length or tables.longest(df)
     paths = [p for p in tables.compared_paths(df) if p in set(data["path"])]
     v = data["value"].to_numpy()
     pos = v[v > 0]
@@ -139,11 +146,8 @@ def drift_heatmap(df: pd.DataFrame, save_to=None, metric: str = "rel_l2", mode: 
         ax.grid(False)
     axes[0][0].set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), label=f"{site} {METRIC_LABELS.get(metric, metric)}", shrink=0.9)
-    ref = tables.reference(df)
-    length = length or tables.longest(df)
-    _suptitle(fig, df, f"Per-head drift of the attention output vs {ref}",
-              f"{mode} mode, {phase}, {length}-token prompts (mean over prompts)")
-    return _finish(fig, save_to, close)
+    return _finish_drift(fig, df, "Per-head drift of the attention output",
+                         f"{mode} mode, {phase}, {length}-token prompts (mean over prompts)", save_to, close)
 
 
 @styled
@@ -153,6 +157,7 @@ def drift_through_depth(df: pd.DataFrame, save_to=None, mode: str = "propagated"
     layer (propagated mode: every path runs end to end), prefill (solid) vs decode (dashed), and the logits
     at the right end."""
     data = tables.depth_drift(df, mode, length)
+    length = length or tables.longest(df)
     paths = [p for p in tables.compared_paths(df) if p in set(data["path"])]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     n_layers = int(data["layer"].max())
@@ -176,11 +181,9 @@ def drift_through_depth(df: pd.DataFrame, save_to=None, mode: str = "propagated"
     axes[0].set_title("direction (1 − cosine)")
     axes[1].set_title("magnitude of the error (relative L2)")
     fig.legend(*axes[1].get_legend_handles_labels(), title="path, phase", loc="outside right center")
-    ref = tables.reference(df)
-    length = length or tables.longest(df)
-    _suptitle(fig, df, f"Drift through depth vs {ref}",
-              f"{mode} mode, {length}-token prompts; decode = mean over greedy steps (teacher-forced)")
-    return _finish(fig, save_to, close)
+    return _finish_drift(fig, df, "Drift through depth",
+                         f"{mode} mode, {length}-token prompts; decode = mean over greedy steps (teacher-forced)",
+                         save_to, close)
 
 
 @styled
@@ -188,6 +191,7 @@ def drift_vs_position(df: pd.DataFrame, save_to=None, length: int | None = None,
     """Relative L2 against token position at the longest context: the attention output (median and max over
     layers, isolated mode if captured) and the last layer's residual stream (propagated)."""
     data = tables.position_summary(df, length)
+    length = length or tables.longest(df)
     sites = [s for s in ("attn_out", "resid") if (data["site"] == s).any()]
     fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 3.8), squeeze=False, constrained_layout=True)
     paths = [p for p in tables.compared_paths(df) if p in set(data["path"])]
@@ -209,10 +213,8 @@ def drift_vs_position(df: pd.DataFrame, save_to=None, length: int | None = None,
     handles += [plt.Line2D([], [], color="0.3", ls="-", label="attention output:\nmedian over layers"),
                 plt.Line2D([], [], color="0.3", ls=":", label="attention output:\nmax over layers")]
     fig.legend(handles=handles, loc="outside right center")
-    length = length or tables.longest(df)
-    _suptitle(fig, df, f"Drift vs token position vs {tables.reference(df)}",
-              f"prefill, {length}-token prompts (mean over prompts)")
-    return _finish(fig, save_to, close)
+    return _finish_drift(fig, df, "Drift vs token position", f"prefill, {length}-token prompts (mean over prompts)",
+                         save_to, close)
 
 
 # -- smoothing-K ---------------------------------------------------------------------------------------

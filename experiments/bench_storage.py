@@ -2,10 +2,11 @@
 the same run on the same disk.
 
 Writes q, k, v, attn_out and resid of every layer, for each path of a lockstep batch, through
-`store.RunWriter.store_tensor` (the background writer: a pinned host copy per tensor, HDF5 on a writer thread),
-exactly as a capture with `--store q,k,v,attn_out,resid` does. Shapes are Llama-3-8B's at --tokens tokens:
-q and attn_out [32, T, 128], k and v [8, T, 128], resid [T, 4096], fp16, random normal (float16 activations are
-close to incompressible, so random data is a fair stand-in), from tensors on --device.
+`store.RunWriter.store_tensor` (the background writer: a GPU tensor is copied into its pinned staging ring, HDF5
+writes on a writer thread, the disk is started every 64 MiB), exactly as a capture with `--store
+q,k,v,attn_out,resid` does. Shapes are Llama-3-8B's at --tokens tokens: q and attn_out [32, T, 128], k and v
+[8, T, 128], resid [T, 4096], fp16, random normal (float16 activations are close to incompressible, so random
+data is a fair stand-in), from tensors on --device.
 Timed: first store_tensor .. commit_prompt + close returned (everything on disk and fsynced), for
 tensor_compression lzf and None. Bandwidth = payload bytes / that time.
 Disk: `dd if=/dev/zero of=<same dir> bs=16M count=N conv=fdatasync` (page cache + flush, like the writer) and

@@ -1,5 +1,5 @@
-"""Teacher-forced decode, prompts files, the verdict and the decode figures, on tiny_llama random models and synthetic
-tables (fast), plus the emulated decode failure after short prompts on a tiny_llama model."""
+"""Teacher-forced decode, prompts files, the verdict and the decode figures, on tiny random models and synthetic
+tables (fast), plus the emulated decode failure after short prompts on a tiny model."""
 from __future__ import annotations
 
 import copy
@@ -148,7 +148,8 @@ def test_every_sage_path_is_registered_and_restored():
 
 # -- the verdict ---------------------------------------------------------------------------------------------
 
-def _tables(decode_kl: float, prefill_kl: float, ratio: float, windows: int = 4) -> dict[str, pd.DataFrame]:
+def _tables(decode_kl: float, prefill_kl: float, ratio: float, windows: int = 4,
+            prompts: int = 4) -> dict[str, pd.DataFrame]:
     return {
         "summary": pd.DataFrame([{"path": "sage8", "context": 256, "windows": windows, "ppl_base": 10.0,
                                   "ppl_path": 10.01, "ppl_delta": 0.01, "ppl_delta_pct": 0.1, "ci_low": -0.01,
@@ -158,7 +159,7 @@ def _tables(decode_kl: float, prefill_kl: float, ratio: float, windows: int = 4)
                                          "kl_mean": decode_kl, "kl_max": 3.0, "top1": 0.41, "nll_base": 1.0,
                                          "nll_path": 2.0, "prefill_kl": prefill_kl, "prefill_kl_last": prefill_kl,
                                          "prefill_top1": 0.98, "ratio": decode_kl / prefill_kl}]),
-        "generation_summary": pd.DataFrame([{"path": "sage8", "group": g, "prompts": 1, "new_tokens": 24,
+        "generation_summary": pd.DataFrame([{"path": "sage8", "group": g, "prompts": prompts, "new_tokens": 24,
                                              "exact_match_rate": 0.0, "mean_first_divergence": 1.0,
                                              "nll_base_cont": 1.0, "nll_path_cont": r, "nll_ratio": r}
                                             for g, r in (("corpus-8", ratio), ("corpus-128", 1.1), ("all", 2.0))]),
@@ -177,6 +178,11 @@ def test_verdict_flags_decode_kernel_and_garbage_and_warns_on_few_windows():
     assert "generations from 8-token corpus prompts are 4.0× less likely" in text
     assert "harmless flips" in text and "128-token corpus prompts diverge" in text  # ratio 1.1: a note, no flag
     assert "rests on 4 windows (fewer than 10)" in text and "+0.10% [-0.10%, +0.30%]" in text
+    # the same generations from 2 prompts: a note, no flag
+    few = verdict.verdict_rows(_tables(1.55, 0.003, 4.0, prompts=2))
+    assert set(few.loc[few["kind"] == "flag", "name"]) == {"decode_kernel"}
+    assert "4.0× less likely under the baseline than its own (4.00 vs 1.00 nats per token), on 2 prompts only: no " \
+           "flag" in verdict.format_verdict(few)
 
 
 def test_verdict_thresholds_hold_back_small_or_prefill_sized_drift():

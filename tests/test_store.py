@@ -202,6 +202,112 @@ def test_torch_tensors_are_copied_at_call(tmp_path):
         assert run.metrics().value.dtype == np.float32
 
 
+def test_tensor_layouts_uncompressed_by_default_lzf_on_request(tmp_path):
+    """Uncompressed tensors are contiguous (HDF5 writes each in one piece); lzf ones are chunked with a
+    checksum. Both read back exactly, empty tensors too."""
+    import h5py
+    q = np.random.default_rng(0).standard_normal((4, 300, 8)).astype(np.float16)
+    for comp in (None, "lzf"):
+        p = tmp_path / f"{comp}.h5"
+        with writer(p, **({"tensor_compression": comp} if comp else {})) as w:
+            w.store_tensor(dict(prompt=0, layer=0, path="fp16", site="q"), q)
+            w.store_tensor(dict(prompt=0, layer=0, path="fp16", site="k"), q[:, :0])
+            w.commit_prompt(0)
+        with store.open_run(p) as run:
+            assert (run.activations(prompt=0, layer=0, path="fp16", site="q") == q).all()
+            assert run.activations(prompt=0, layer=0, path="fp16", site="k").shape == (4, 0, 8)
+        with h5py.File(p, "r") as f:
+            assert json.loads(f.attrs["storage"])["tensor_compression"] == comp
+            ds = f["tensors/p00000/propagated/prefill/s00000/l000/fp16/q/t0000000"]
+            assert (ds.chunks, ds.compression, ds.fletcher32) == (
+                (None, None, False) if comp is None else ((4, 300, 8), "lzf", True))
+
+
+def test_writeback_rounds_keep_every_byte(tmp_path, monkeypatch):
+    """With a writeback round every 64 KiB (pages sent to the disk, the round before waited for and dropped
+    from the page cache), tensors over several commits, a rolled-back prompt and a resume read back exactly."""
+    from driftscope.store import journal
+    if journal._SYNC_FILE_RANGE is None:
+        pytest.skip("no sync_file_range here (not Linux)")
+    calls, real = [], journal._SYNC_FILE_RANGE
+    monkeypatch.setattr(journal, "_SYNC_FILE_RANGE", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(journal, "WRITEBACK_BYTES", 64 << 10)
+    monkeypatch.setattr(journal, "BULK_BYTES", 16 << 10)
+    rng = np.random.default_rng(0)
+    ts = {(i, layer): rng.standard_normal((8, 300, 16)).astype(np.float16) for i in range(3) for layer in range(4)}
+    p = tmp_path / "wb.h5"
+    with pytest.raises(KeyboardInterrupt), writer(p) as w:
+        for (i, layer), t in ts.items():
+            if layer == 0:
+                w.add_prompt(i, np.arange(4), "a")
+            w.store_tensor(dict(prompt=i, layer=layer, path="fp16", site="q"), t + (i == 2))
+            if i < 2 and layer == 3:
+                w.commit_prompt(i)
+        raise KeyboardInterrupt  # prompt 2 (stored with wrong values) is rolled back
+    with writer(p, resume=True) as w:
+        assert w.completed_prompts() == {0, 1}
+        w.add_prompt(2, np.arange(4), "a")
+        for layer in range(4):
+            w.store_tensor(dict(prompt=2, layer=layer, path="fp16", site="q"), ts[2, layer])
+        w.commit_prompt(2)
+    with store.open_run(p) as run:
+        for (i, layer), t in ts.items():
+            assert (run.activations(prompt=i, layer=layer, path="fp16", site="q") == t).all()
+    waits = [a for a in calls if a[3] != journal.SYNC_FILE_RANGE_WRITE]
+    assert len(calls) > 10 and waits and all(a[2] > 0 for a in waits)
+
+
+def test_staging_ring_lends_in_order_and_waits_for_the_writer():
+    pytest.importorskip("torch")
+    import threading
+    from driftscope.store.staging import ALIGN, PinnedRing
+    ring = PinnedRing(4 * ALIGN, pinned=False)
+    a, _ = ring.take(ALIGN + 1)
+    b, _ = ring.take(ALIGN)
+    assert (a[0], b[0]) == (0, 2 * ALIGN)  # slots start on ALIGN boundaries
+    ring.give(a)
+    c, view = ring.take(2 * ALIGN)  # too long for the end: wraps to the start, which a gave back
+    assert c[0] == 0 and view.numel() == 2 * ALIGN
+    got = []
+    taker = threading.Thread(target=lambda: got.append(ring.take(3 * ALIGN)[0][0]))
+    taker.start()
+    taker.join(0.2)
+    assert not got  # b and c still lent
+    ring.give(b)
+    taker.join(0.2)
+    assert not got  # c still lent
+    ring.give(c)
+    taker.join(5)
+    assert got == [0]
+
+
+def test_cuda_tensors_through_the_staging_ring(tmp_path):
+    """GPU tensors (float32, strided, reused by the caller at once) through a 1 MiB pinned ring that wraps and
+    makes the producer wait; one larger than the ring and an empty one get pinned memory of their own."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    src = torch.randn(64, 40, 32, device="cuda", generator=g)  # float32
+    big = torch.randn(1024, 1024, device="cuda", generator=g).half()  # 2 MiB
+    want = {}
+    p = tmp_path / "cuda.h5"
+    with writer(p, max_queue_bytes=1 << 20) as w:
+        for layer in range(24):
+            x = src.transpose(0, 1)  # strided [40, 64, 32]: 160 KiB as float16
+            want[layer] = x.half().cpu().numpy()
+            w.store_tensor(dict(prompt=0, layer=layer, path="fp16", site="q"), x)
+            src.mul_(1.5).add_(1)  # the caller reuses its buffer at once
+        w.store_tensor(dict(prompt=0, layer=0, path="fp16", site="resid"), big)
+        w.store_tensor(dict(prompt=0, layer=0, path="fp16", site="k"), big[:0])
+        w.commit_prompt(0)
+    with store.open_run(p) as run:
+        for layer, x in want.items():
+            assert (run.activations(prompt=0, layer=layer, path="fp16", site="q") == x).all()
+        assert (run.activations(prompt=0, layer=0, path="fp16", site="resid") == big.cpu().numpy()).all()
+        assert run.activations(prompt=0, layer=0, path="fp16", site="k").shape == (0, 1024)
+
+
 def test_reader_sees_last_commit_of_a_live_writer(tmp_path):
     p = tmp_path / "live.h5"
     w = writer(p)

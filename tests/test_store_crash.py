@@ -26,6 +26,8 @@ import sys, time
 import numpy as np
 sys.path.insert(0, {here!r})
 from test_store_crash import write_run
+from driftscope.store import journal
+journal.WRITEBACK_BYTES, journal.BULK_BYTES = 1 << 20, 64 << 10  # kills land in writeback rounds too
 print("start", flush=True)
 write_run(sys.argv[1], resume=False, say=lambda m: print(m, flush=True))
 print("done", flush=True)

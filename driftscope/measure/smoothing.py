@@ -64,9 +64,10 @@ def smoothing_stats(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 25
     out[("channel_bias", None)] = (k32.mean(1).norm(dim=-1) / k32.norm(dim=-1).mean(1)).to(torch.float64)
 
     # Sampled causal query rows, and the exact unsmoothed scores they see.
-    R = score_rows(T, rows)
-    qi = torch.linspace(0, T - 1, R, device=q_HxTxD.device).round().long().unique()
-    out[("qk_rows", None)] = torch.full((Hkv,), float(qi.numel()), dtype=torch.float64, device=qi.device)
+    # (on the host: unique() of a CUDA tensor would wait for the GPU at every layer)
+    rows_np = np.unique(np.round(np.linspace(0, T - 1, score_rows(T, rows))).astype(np.int64))
+    qi = torch.from_numpy(rows_np).to(q_HxTxD.device)
+    out[("qk_rows", None)] = torch.full((Hkv,), float(len(rows_np)), dtype=torch.float64, device=qi.device)
     mask = torch.arange(T, device=q_HxTxD.device)[None, :] <= qi[:, None]  # [R, T]
     q_hat = _dequant_rows(q_HxTxD, qi, 128, sm)  # [Hq, R, D], already scaled by sm
     q_exact = q_HxTxD[:, qi].to(torch.float32) * sm

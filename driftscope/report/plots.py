@@ -39,7 +39,8 @@ RC = {
     "grid.linewidth": 0.5,
 }
 _PALETTE = sns.color_palette("colorblind", 10)
-PATH_COLORS = {"fp32": _PALETTE[7], "fp16": _PALETTE[0], "sage8": _PALETTE[3], "sage8-nosmooth": _PALETTE[2]}
+PATH_COLORS = {"fp32": _PALETTE[7], "fp16": _PALETTE[0], "sage8": _PALETTE[3], "sage8-nosmooth": _PALETTE[2],
+               "sage2-triton": _PALETTE[4], "sage2-fp8": _PALETTE[9], "sage2-fp8-nosmooth": _PALETTE[5]}
 PHASE_STYLES = {"prefill": "-", "decode": "--"}
 METRIC_LABELS = {
     "rel_l2": "relative L2 (‖x − ref‖ / ‖ref‖)",
@@ -499,4 +500,76 @@ def decode_drift_vs_kv(df: pd.DataFrame, save_to=None, close: bool = True) -> pl
         ax.legend(fontsize=7)
     _suptitle(fig, df, "Decode-step attention drift against the last key block's fill",
               "mean over layers and prompts; kv_len = prompt length + step")
+    return _finish(fig, save_to, close)
+
+
+# -- SageAttention families side by side ---------------------------------------------------------------------------
+
+@styled
+def sage_versions(layers: pd.DataFrame, decode: pd.DataFrame, speed: pd.DataFrame | None = None, save_to=None,
+                  labels: dict | None = None, detail: str = "", close: bool = True) -> plt.Figure:
+    """Compiled sage paths of several SageAttention versions side by side (``driftscope.report.versions``).
+
+    Contract: ``layers`` has columns path, phase (prefill | decode), layer, value (isolated attn_out rel-L2 vs the
+    reference over all heads; ``versions.attn_out_by_layer``); ``decode`` has path, prompt_length, kl (teacher-forced
+    decode KL, nats per token) and prefill_kl (of the same prompts); ``speed`` (optional) has path, phase, context and
+    ratio (tokens/s over fp16's). ``labels`` maps a path to its legend label (e.g. with the version). Panels: (a)
+    attn_out rel-L2 per layer, prefill solid, decode dashed; (b) decode KL against the prompt length, prefill KL as
+    crosses; (c) tokens/s over fp16 per phase and context, paths without rows marked "not measured". The title
+    names ``layers.attrs["model"]`` and ``["device"]``; ``detail`` is its second line.
+    """
+    labels = labels or {}
+    order = list(dict.fromkeys(layers["path"]))
+    n = 3 if speed is not None else 2
+    fig, axes = plt.subplots(1, n, figsize=(5.0 * n, 4.3), constrained_layout=True)
+    ax = axes[0]
+    for p in order:
+        for phase, style in PHASE_STYLES.items():
+            s = layers[(layers["path"] == p) & (layers["phase"] == phase)]
+            ax.plot(s["layer"], s["value"], style, color=path_color(p), lw=1.3)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"attn_out {METRIC_LABELS['rel_l2']}")
+    ax.set_title("(a) isolated attention output vs fp16")
+    _log_or_linear(ax, layers["value"])
+    ax = axes[1]
+    lengths = sorted(decode["prompt_length"].unique())
+    for p in order:
+        s = decode[decode["path"] == p].sort_values("prompt_length")
+        ax.plot(s["prompt_length"], s["kl"], "--o", ms=4, color=path_color(p))
+        ax.plot(s["prompt_length"], s["prefill_kl"], "x", ms=7, mew=1.5, color=path_color(p))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(v) for v in lengths])
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("KL(fp16 ‖ path) (nats per token)")
+    ax.set_title("(b) teacher-forced decode drift")
+    if speed is not None:
+        ax = axes[2]
+        s = speed.sort_values(["phase", "context"], ascending=[False, True])
+        cats = list(dict.fromkeys(f"{ph}, {'KV ' if ph == 'decode' else ''}{c // 1024}k"
+                                  for ph, c in s[["phase", "context"]].itertuples(index=False)))
+        measured = [p for p in order if (speed["path"] == p).any()]
+        width = 0.8 / max(len(measured), 1)
+        for i, p in enumerate(measured):
+            t = s[s["path"] == p]
+            x = np.array([cats.index(f"{ph}, {'KV ' if ph == 'decode' else ''}{c // 1024}k")
+                          for ph, c in t[["phase", "context"]].itertuples(index=False)])
+            ax.bar(x + (i - (len(measured) - 1) / 2) * width, t["ratio"], width, color=path_color(p))
+        ax.axhline(1.0, color="0.3", lw=0.8)
+        ax.set_xticks(range(len(cats)), cats)
+        ax.set_ylabel("tokens/s over fp16 (SDPA)")
+        ax.set_title("(c) throughput")
+        missing = [labels.get(p, p) for p in order if p not in measured]
+        ax.set_ylim(0, 1.4 * max(1.0, float(speed["ratio"].max()) if len(speed) else 1.0))
+        if missing:
+            ax.text(0.02, 0.97, "not measured: " + ", ".join(missing), transform=ax.transAxes, fontsize=7, va="top",
+                    ha="left", wrap=True)
+    handles = [matplotlib.lines.Line2D([], [], color=path_color(p), lw=2, label=labels.get(p, p)) for p in order]
+    handles += [matplotlib.lines.Line2D([], [], color="0.3", ls=PHASE_STYLES["prefill"], label="prefill"),
+                matplotlib.lines.Line2D([], [], color="0.3", ls=PHASE_STYLES["decode"], marker="o", ms=4,
+                                        label="decode"),
+                matplotlib.lines.Line2D([], [], color="0.3", ls="", marker="x", ms=6, mew=1.5,
+                                        label="(b) prefill KL of the same prompts")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False)
+    _suptitle(fig, layers, "SageAttention versions, compiled kernels", detail)
     return _finish(fig, save_to, close)

@@ -1,5 +1,5 @@
 """Terminal and Markdown text made only from stored tables: a capture's per-layer worst-head summary, an evaluate
-run's summary, teacher-forced decode, generations and verdict."""
+run's summary, teacher-forced decode, generations and verdict; ``markdown_table`` for any table of formatted cells."""
 from __future__ import annotations
 
 import textwrap
@@ -149,6 +149,24 @@ def markdown_layer_summary(table: pd.DataFrame, path: str) -> str:
     for layer, row in sub.iterrows():
         cells = [f"{row[(m, p, 'cosine')]:.5f} / {row[(m, p, 'rel_l2')]:.4f}" for m, p in groups]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_table(df: pd.DataFrame, align: dict[str, str] | None = None) -> str:
+    """A DataFrame of already formatted cells as a GitHub Markdown table (pandas' to_markdown needs tabulate, which
+    driftscope does not depend on). ``align`` maps a column to "left" or "right" (default: left for text columns,
+    right for numeric ones); a "|" inside a cell is escaped."""
+    align = align or {}
+
+    def side(c) -> str:
+        return align.get(c, "right" if pd.api.types.is_numeric_dtype(df[c]) else "left")
+
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |",
+             "|" + "|".join(" ---: " if side(c) == "right" else " --- " for c in df.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
 

@@ -15,8 +15,9 @@ as likely) and the non-finite logit counts. Then plain flags, raised at these th
 - decode kernel: decode KL >= DECODE_RATIO_FLAG (10) x the prefill KL of the same prompts *and* >= DECODE_KL_FLAG
   (0.01 nats per token): the decode kernel, not quantization noise (which the prefill shows at the same size);
   from DECODE_RATIO_NOTE (3) x up, a note says the decode drift is above the prefill's;
-- garbage generations: generation NLL ratio >= GENERATION_RATIO_FLAG (1.5) for a prompt group: the path writes text
-  the baseline finds far less likely than its own; below it, diverging generations are noted as harmless flips;
+- garbage generations: generation NLL ratio >= GENERATION_RATIO_FLAG (1.5) for a prompt group of at least
+  MIN_PROMPTS (4) prompts: the path writes text the baseline finds far less likely than its own (on fewer prompts, a
+  note); below the ratio, diverging generations are noted as harmless flips;
 - perplexity: |Δppl| >= PPL_FLAG_PCT (1%) with an interval that excludes 0, over at least MIN_WINDOWS windows (a note
   on fewer);
 - non-finite: any NaN or ±inf logit on the path's side;
@@ -38,10 +39,11 @@ DECODE_RATIO_NOTE = 3.0  # from here to the flag, a note: decode drift above the
 GENERATION_RATIO_FLAG = 1.5  # the path's continuations' NLL under the baseline over the baseline's own
 PPL_FLAG_PCT = 1.0  # |Δppl| in percent, with an interval that excludes 0
 MIN_WINDOWS = 10  # fewer windows under a bootstrap interval: a warning
+MIN_PROMPTS = 4  # fewer prompts in a generation group: a high NLL ratio is a note, not a flag
 
 THRESHOLDS_HELP = (f"flags: decode KL >= {DECODE_RATIO_FLAG:g}x the prefill KL of the same prompts and >= "
                    f"{DECODE_KL_FLAG:g} nats (the decode kernel); generation NLL ratio under the baseline >= "
-                   f"{GENERATION_RATIO_FLAG:g} (garbage, not harmless flips); |Δppl| >= {PPL_FLAG_PCT:g}% with an "
+                   f"{GENERATION_RATIO_FLAG:g} over >= {MIN_PROMPTS} prompts (garbage, not harmless flips); |Δppl| >= {PPL_FLAG_PCT:g}% with an "
                    f"interval excluding 0; any non-finite logit; a warning below {MIN_WINDOWS} windows per interval")
 
 LABELS = {"ppl_delta_pct": "Δppl", "prefill_kl": "prefill KL", "decode_kl": "decode KL",
@@ -114,11 +116,14 @@ def _rows_for(path: str, t: dict[str, pd.DataFrame]) -> list[dict]:
         if r.group == "all" and len(g) > 1:
             continue
         if np.isfinite(r.nll_ratio) and r.nll_ratio >= GENERATION_RATIO_FLAG:
-            flagged = True
-            add("flag", "generation_garbage", r.group, r.nll_ratio,
-                f"generations from {_group_words(r.group)} are {r.nll_ratio:.1f}× less likely under the baseline "
-                f"than its own ({r.nll_path_cont:.2f} vs {r.nll_base_cont:.2f} nats per token): garbage, not "
-                f"harmless flips")
+            sentence = (f"generations from {_group_words(r.group)} are {r.nll_ratio:.1f}× less likely under the "
+                        f"baseline than its own ({r.nll_path_cont:.2f} vs {r.nll_base_cont:.2f} nats per token)")
+            if r.prompts >= MIN_PROMPTS:
+                flagged = True
+                add("flag", "generation_garbage", r.group, r.nll_ratio, sentence + ": garbage, not harmless flips")
+            else:  # one confident answer that words itself differently can double the ratio
+                add("note", "generation_garbage", r.group, r.nll_ratio,
+                    sentence + f", on {r.prompts} prompt{'s' if r.prompts > 1 else ''} only: no flag")
         elif r.exact_match_rate < 1:
             add("note", "harmless_flips", r.group, r.nll_ratio,
                 f"generations from {_group_words(r.group)} diverge (exact match {r.exact_match_rate:.0%}) but stay "

@@ -68,6 +68,7 @@ class Tap:
     sink: Callable[[dict, torch.Tensor], None] | None = None
     with_stats: bool = True  # outliers and smoothing-K statistics (once per prompt is enough)
     pieces: frozenset = PIECES  # which statistics to compute (see PIECES)
+    _pending: list = field(default_factory=list)  # a decode step's sites, measured together when the step ends
 
     @property
     def names(self) -> list[str]:
@@ -120,6 +121,9 @@ class Tap:
         if ref is None and not stats_of:
             return
         prefill = self.records.context.phase == "prefill"
+        if not prefill and ref is not None and not stats_of and site != "logits":
+            self._pending.append((layer, site, path, x, ref, heads))  # one token per site: batched in _flush
+            return
         positions = ref is not None and prefill and site in ("attn_out", "resid")
         s = fused.site_stats(x, ref, stats_of=stats_of, positions=positions)
         rec = self.records
@@ -199,7 +203,7 @@ class Tap:
             x = x[..., spec.tokens[0]:spec.tokens[1], :]
         key = dict(prompt=ctx.prompt, mode=ctx.mode, phase=ctx.phase, step=ctx.step, layer=layer, path=path,
                    site=site, token_start=start)
-        self.sink(key, x.detach().to(torch.float16, copy=True))
+        self.sink(key, x.detach().to(torch.float16))  # the writer copies at the call (stream-ordered on CUDA)
 
     # -- residual stream and logits ----------------------------------------------------------------
     def residual(self, layer: int, resid: torch.Tensor) -> None:
@@ -215,10 +219,32 @@ class Tap:
                 self._store(layer, "resid", self.names[r], resid[r])
 
     def logits(self, logits_BxTxV: torch.Tensor) -> None:
-        if self.mode != "propagated":
-            return
-        for r in range(1, logits_BxTxV.shape[0]):
-            self._site(-1, "logits", logits_BxTxV[r], self.names[r], logits_BxTxV[0], heads=False)
+        """The end of a forward (prefill or one decode step): the logits' drift, then the step's pending sites."""
+        if self.mode == "propagated":
+            for r in range(1, logits_BxTxV.shape[0]):
+                self._site(-1, "logits", logits_BxTxV[r], self.names[r], logits_BxTxV[0], heads=False)
+        self._flush()
+
+    def _flush(self) -> None:
+        """A decode step's drift for every layer at once: one fused pass per (site, path) over the layers' stacked
+        one-token tensors (per layer, and per head where wanted), where a pass per layer would be launch-bound."""
+        groups: dict = {}
+        for layer, site, path, x, ref, heads in self._pending:
+            groups.setdefault((site, path, heads, tuple(x.shape), x.device), []).append((layer, x, ref))
+        self._pending = []
+        rec = self.records
+        for (site, path, heads, shape, _), items in groups.items():
+            x = torch.stack([t for _, t, _ in items])  # [L, H, 1, D] or [L, 1, C]
+            ref = torch.stack([t for _, _, t in items])
+            L, C = x.shape[0], shape[-1]
+            pooled = fused.drift(fused.site_stats(x.reshape(L, -1, C), ref.reshape(L, -1, C)))  # a "head" per layer
+            H = shape[0] if heads else 1
+            per_head = fused.drift(fused.site_stats(x.reshape(L * H, -1, C), ref.reshape(L * H, -1, C))) if heads else {}
+            for i, (layer, _, _) in enumerate(items):
+                for metric, values in pooled.items():
+                    rec.add(layer, site, path, metric, values[i:i + 1], heads=False)
+                for metric in HEAD_METRICS if heads else ():
+                    rec.add(layer, site, path, metric, per_head[metric][i * H:(i + 1) * H])
 
 
 def nonfinite_warnings(columns: dict) -> list[str]:

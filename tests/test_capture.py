@@ -15,7 +15,7 @@ from driftscope.hooks.attention import attention_implementation, registered
 from driftscope.hooks.layers import decoder_layers
 from driftscope.run.capture import run_capture
 from driftscope.run.tap import Tap, run_prompt
-from driftscope.measure.drift import DRIFT_METRICS
+from driftscope.measure.fused import DRIFT_METRICS
 from driftscope.measure.records import Context, Records
 
 SITES = {"q", "k", "v", "attn_out", "resid", "logits"}

@@ -5,11 +5,11 @@ The capture used to compute each statistic as its own chain of elementwise kerne
 fp32; a [tokens, hidden] tensor is one head) once and keeps only small sums:
 
     s = site_stats(x, r, stats_of=("ref", "x"), positions=True)   # SiteStats of device tensors, no host sync
-    drift(s)                   per-head cosine, rel_l2, rel_l1, rmse, max_abs   (= measure.drift.drift(x, r))
-    drift(s, pooled=True)      the same over all heads, [1]   (= drift_from_sums(pool(sums)), drift(x.reshape(1, -1)..))
-    drift_sums(s)              measure.drift.drift_sums' [7, heads] layout
-    rel_l2_by_position(s, bins)                                 (= measure.drift.rel_l2_by_position(x, r, bins))
-    outliers(s, "ref")         absmax, channel_max_median, kurtosis, frac_6sigma   (= measure.outliers.outliers(r))
+    drift(s)                   per-head cosine, rel_l2, rel_l1, rmse, max_abs
+    drift(s, pooled=True)      the same over all heads, [1]
+    drift_sums(s)              [7, heads]: sum x*r, x^2, r^2, d^2, |d|, |r|, max |d|
+    rel_l2_by_position(s, bins)   rel_l2 over heads and channels per bin of consecutive tokens
+    outliers(s, "ref")         absmax, channel_max_median, kurtosis, frac_6sigma
     channel_absmax(s, "ref")   [heads, channels] profile; smoothed=True for K - mean_t K (the kernel's smoothing)
 drift and outliers return views of tables that site_stats has filled (no kernels of their own).
 
@@ -163,6 +163,8 @@ def drift(s: SiteStats, pooled: bool = False) -> dict[str, torch.Tensor]:
 
     Views of one table made by site_stats: no kernels. cosine = 1 + ((|x| - |r|)^2 - |x - r|^2) / (2 |x| |r|),
     clamped to [-1, 1] and 0 where a norm is 0 (as <x,r>/tiny was); exactly 1 when x == r.
+    rel_l2 = |x - r| / |r|, rel_l1 = sum |x - r| / sum |r| (SageAttention's own accuracy metric),
+    rmse = sqrt(mean (x - r)^2), max_abs = max |x - r|.
     """
     if s.table is None:
         raise ValueError("drift needs SiteStats made with a reference (site_stats(x, ref))")
@@ -171,7 +173,7 @@ def drift(s: SiteStats, pooled: bool = False) -> dict[str, torch.Tensor]:
 
 
 def drift_sums(s: SiteStats) -> torch.Tensor:
-    """metrics.drift_sums' layout, float64 [7, heads]: sum x*r, x^2, r^2, d^2, |d|, |r|, max |d|.
+    """The sufficient statistics of drift, float64 [7, heads]: sum x*r, x^2, r^2, d^2, |d|, |r|, max |d|.
 
     sum x*r is not read by the kernel; it is (sum x^2 + sum r^2 - sum d^2) / 2 (exactly sum x^2 when x == r).
     """
@@ -183,7 +185,7 @@ def drift_sums(s: SiteStats) -> torch.Tensor:
 
 def rel_l2_by_position(s: SiteStats, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Relative L2 over all heads and channels per bin of consecutive tokens: (bin starts [nbins] int64,
-    rel-L2 [nbins] float64), binned as metrics.rel_l2_by_position."""
+    rel-L2 [nbins] float64); bins of ceil(T / bins) tokens, the last one possibly shorter."""
     if s.position is None:
         raise ValueError("rel_l2_by_position needs site_stats(x, ref, positions=True)")
     T = s.position.shape[1]
@@ -195,7 +197,7 @@ def rel_l2_by_position(s: SiteStats, bins: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def outliers(s: SiteStats, of: str = "x") -> dict[str, torch.Tensor]:
-    """Outlier statistics per head of x or of the reference (of="ref"), float64 [heads], as metrics.outliers:
+    """Outlier statistics per head of x or of the reference (of="ref"), float64 [heads]:
     absmax, channel_max_median (max over channels of the channel absmax over its median), kurtosis (Pearson,
     normal = 3), frac_6sigma (fraction of values with |x - mean| > 6 std). Views: no kernels."""
     return dict(zip(OUTLIER_METRICS, _moments(s, of).table))

@@ -19,9 +19,11 @@ if not torch.cuda.is_available():
 
 
 # `pytest -m "not slow"` is the suite a developer runs every few minutes. Slow: whatever loads the embedded model,
-# spawns a CLI, executes notebooks, kills processes or runs TeX (these fixtures and modules, and tests marked slow).
+# spawns a CLI, executes notebooks, kills processes, runs TeX or the interpreter grid (these fixtures and modules,
+# and tests marked slow).
 SLOW_FIXTURES = {"smol", "smol_folder", "run_cli"}
-SLOW_MODULES = {"test_notebooks", "test_reliability", "test_store_crash", "test_committed_results"}
+SLOW_MODULES = {"test_notebooks", "test_reliability", "test_store_crash", "test_committed_results",
+                "test_emulator_fidelity"}  # the last: 448 cases under the Triton interpreter, about 4 minutes
 
 
 def pytest_collection_modifyitems(config, items):

@@ -267,13 +267,17 @@ def write_all(folder: Path, out: Path, captures: list[dict], results: dict, name
     text = run_numbers(main, fig_dir, results.get(main["name"], {}))
     ppl = next((n for n in names if "perplexity" in results.get(n, {})), None)
     bench = next((n for n in names if "throughput" in results.get(n, {})), None)
+    dec = next((n for n in names if "decode" in results.get(n, {})), None)  # an evaluate run's decode figure
     text += switch("dsHavePerplexity", ppl is not None)
     text += switch("dsHaveBench", bench is not None)
+    text += switch("dsHaveDecodeKL", dec is not None)
+    text += macro("dsDecodeRun", r"\texttt{" + escape(dec or "") + "}")
     bench_fig = "throughput"
     if bench is not None and "model" in results[bench]["throughput"]:  # one figure per benchmarked model
         model = results[bench]["throughput"]["model"].dropna()
         bench_fig = f"throughput-{model.iloc[0]}" if len(model) else bench_fig
-    for key, name, fig in (("dsPerplexityFig", ppl, "perplexity"), ("dsBenchFig", bench, bench_fig)):
+    for key, name, fig in (("dsPerplexityFig", ppl, "perplexity"), ("dsBenchFig", bench, bench_fig),
+                           ("dsDecodeFig", dec, "decode")):
         path = Path(os.path.relpath((out / name / fig).resolve(), paper_dir)).as_posix() if name else ""
         text += macro(key, path)
     text += macro("dsRunCount", num(len(captures)))

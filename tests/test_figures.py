@@ -96,6 +96,7 @@ def test_quick_figures(df, tmp_path):
     assert [p.name for p in written] == ["heatmap.png", "depth.png", "smoothing.png"]
 
 
+@pytest.mark.slow  # a CLI process regenerating every figure
 def test_cli_regenerates_identical_digests(run_file, tmp_path):
     def regen(out):
         r = subprocess.run([sys.executable, "-m", "driftscope.figures", str(run_file), "--out", str(out),
@@ -127,6 +128,7 @@ def test_cli_bad_input_is_one_line(make_bad, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("driftscope figures: error:") and "bad.h5" in lines[0]
 
 
+@pytest.mark.slow  # TeX
 @pytest.mark.skipif(shutil.which("pdflatex") is None or shutil.which("make") is None, reason="pdflatex not installed")
 def test_paper_builds_and_fails_on_a_missing_figure(run_file, tmp_path):
     paper = tmp_path / "paper"

@@ -46,7 +46,8 @@ for STAGE in "$@"; do
     capture) run python3 -m driftscope.capture --device cuda --paths $CAPTURE_PATHS --mode both --lengths 512 \
         --prompts 2 --decode 70 --no-figures --quiet --out $OUT/smollm2-135m-$CARD-$FAMILY-512.h5 ;;
     overhead) run python3 experiments/bench_capture_overhead.py --out-dir $OUT ;;
-    before) # the same benchmark with the code before the fused statistics (git archive ec82601 into .old/)
+    before) # the same benchmark with the code before the fused statistics; make .old/ (git-ignored, carried) with
+      # mkdir .old && git archive ec82601 driftscope hooks experiments/bench_capture_overhead.py | tar -x -C .old && ln -s ../hooks .old/driftscope/hooks
       mkdir -p $OUT/before && run python3 .old/experiments/bench_capture_overhead.py --no-profile --out-dir $OUT/before ;;
     storage) run python3 experiments/bench_storage.py --out-dir $OUT ;;
     bench) mkdir -p $OUT/bench-$FAMILY && run python3 -m driftscope.bench --models llama3-8b-shape --paths $BENCH_PATHS \

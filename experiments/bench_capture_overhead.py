@@ -12,12 +12,14 @@ max_memory_allocated, reset before; CPU: the process's peak RSS, reset before th
   full        driftscope's capture: Tap (with_stats=True) through run_prompt, then the records' one host copy
   hooks_only  the capture's machinery with every metric switched off (layer hooks, Tap dispatch)
   no_<piece>  (first prefill point) full minus one piece (Tap(pieces=...)), so piece cost = full - no_<piece>:
-              attn_drift   drift of q, k, v, attn_out per head (+ per-position curve of attn_out)
+              attn_drift   drift of q, k, v, attn_out per head (+ per-position curve and non-finite count of attn_out)
               resid_drift  drift of the residual stream (+ per-position curve)
               logits_drift drift of the logits [2, T, vocab]
               outliers     absmax/kurtosis/6-sigma/channel profiles of q, k, v, attn_out
               resid_stats  outliers and massive activations of the residual stream
               smoothing    smoothing-K statistics (INT8 error of K and of sampled QK^T rows, both variants)
+              Pieces share one fused read per site, so full - no_<piece> is what leaving a piece out saves; it can
+              be negative (drift off, the reference's statistics need a read of their own) or within the noise.
 Both forwards produce the full logits in prefill (as the capture does): [2, 8192, 128256] fp16 is 4 GiB in both.
 A torch.profiler summary of one full capture of the first point (top ops by device time) goes into the JSON too.
 

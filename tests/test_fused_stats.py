@@ -270,3 +270,26 @@ def test_triton_null_drift_is_exact_and_flags_select_work(triton_device, monkeyp
     s = fused.site_stats(x, backend="triton")  # outliers of x alone
     assert s.sums is None and s.ref is None
     check_against_reference(s, x.cpu(), None, ("x",))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_counts_are_exact_in_both_backends(triton_device, monkeypatch, dtype):
+    """NaN, +inf and -inf in some heads of x and of ref are counted per head; finite heads count 0, also where a
+    head's sum of squares overflows (bf16 1e30: the count then looks at that head and finds nothing)."""
+    small_tiles(monkeypatch)
+    x, r = make("normal", (4, 9, 40), dtype, seed=5)
+    x[0, 3, 5], x[0, 8, 39], x[2, 0, 0] = float("nan"), float("inf"), float("-inf")
+    r[3, 4, 4] = float("nan")
+    if dtype != torch.float16:
+        x[1, 2, 2] = 1e30  # finite, but its square is not (in fp32)
+    want_x = torch.tensor([2, 0, 1, 0], dtype=torch.int32)
+    want_r = torch.tensor([0, 0, 0, 1], dtype=torch.int32)
+    for backend, device in (("torch", "cpu"), ("triton", triton_device)):
+        s = fused.site_stats(x.to(device), r.to(device), nonfinite=True, backend=backend)
+        assert torch.equal(s.nonfinite.cpu(), torch.stack([want_x, want_r])), backend
+        alone = fused.site_stats(x.to(device), nonfinite=True, backend=backend)  # flags from the variance
+        assert torch.equal(alone.nonfinite.cpu(), want_x[None]), backend
+        finite = fused.site_stats(r[:3].to(device), x[1:2].expand(3, -1, -1).to(device), nonfinite=True,
+                                  backend=backend)
+        assert finite.nonfinite.sum() == 0 and fused.site_stats(x.to(device), r.to(device)).nonfinite is None

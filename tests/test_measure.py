@@ -168,3 +168,7 @@ def test_massive_activations_are_the_top_k_of_all_values(dtype):
     assert torch.equal(values, flat.values.double())
     assert torch.equal(x[tok, ch].abs().float(), flat.values)
     assert (tok[:4].tolist(), ch[:4].tolist()) == ([3, 3, 3, 40], [7, 9, 11, 0])
+    batch = torch.stack([x, x.flip(0)])  # rows of a lockstep batch at once: each row's own top k
+    for i, row in enumerate(batch):
+        for a, b in zip(outliers.massive_activations(batch, 8), outliers.massive_activations(row, 8)):
+            assert torch.equal(a[i], b)

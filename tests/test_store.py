@@ -409,6 +409,48 @@ def test_records_write_the_schema_columns():
     assert empty["site"].dtype.kind == "U" and empty["head_index"].dtype == np.int32
 
 
+def test_records_of_a_table_equal_one_record_per_metric():
+    """A table of M metrics in one `add` gives the rows of M single adds, in the same order."""
+    torch = pytest.importorskip("torch")
+    from driftscope.measure.records import Context, Records
+
+    table = torch.arange(12, dtype=torch.float64).view(3, 4)[:, 1:]  # a strided view, as drift tables are
+    one, many = Records(context=Context(prompt=1)), Records(context=Context(prompt=1))
+    one.add(5, "q", "sage8", ("cosine", "rel_l2", "rel_l1"), table)
+    one.add(5, "q", "sage8", ("absmax", "kurtosis"), table[:2, :1], heads=False)
+    for name, row in zip(("cosine", "rel_l2", "rel_l1"), table):
+        many.add(5, "q", "sage8", name, row)
+    for name, row in zip(("absmax", "kurtosis"), table[:2, :1]):
+        many.add(5, "q", "sage8", name, row, heads=False)
+    assert len(one) == len(many) == 11
+    a, b = one.columns(), many.columns()
+    assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])]
+    assert a["metric"][:4].tolist() == ["cosine"] * 3 + ["rel_l2"] and a["head_index"][-2:].tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="2 metrics take values"):
+        one.add(0, "q", "x", ("a", "b"), torch.zeros(3))
+
+
+def test_records_copy_views_dtypes_and_big_storages_exactly():
+    """The host copy cuts views out of their tables (inference-mode views too), converts float32/int32 values to
+    float64, and copies only the values of a view into a big tensor."""
+    torch = pytest.importorskip("torch")
+    from driftscope.measure.records import Records
+
+    rec = Records()
+    with torch.inference_mode():
+        table = torch.arange(30, dtype=torch.float64).view(5, 6)
+        big = torch.arange(100_000, dtype=torch.float32)
+        parts = [table[:3, :-1], table[:, -1:], table[2], big[7:10], torch.tensor([3, 1], dtype=torch.int32),
+                 table[::2, 1]]
+        for i, t in enumerate(parts):
+            rec.add(0, "q", "p", f"m{i}", t.reshape(-1) if t.dim() == 2 and t.shape[1] == 1 else t, heads=False)
+        rec.add(0, "q", "p", "e", table[4, :2], heads=False, index=torch.arange(10, 16)[::3])
+        cols = rec.columns()
+    want = np.concatenate([t.double().reshape(-1).numpy() for t in parts] + [table[4, :2].numpy()])
+    assert np.array_equal(cols["value"], want) and cols["value"].dtype == np.float64
+    assert cols["element"][-2:].tolist() == [10, 13] and (cols["element"][:-2] == -1).all()
+
+
 # ---------------------------------------------------------------- a run that finished no prompt
 @pytest.mark.parametrize("how", ["no table", "zero rows"])
 def test_run_with_zero_prompts_has_empty_metrics(tmp_path, how):

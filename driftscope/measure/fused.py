@@ -9,13 +9,13 @@ fp32; a [tokens, hidden] tensor is one head) once and keeps only small sums:
     drift(s, pooled=True)      the same over all heads, [1]
     drift_sums(s)              [7, heads]: sum x*r, x^2, r^2, d^2, |d|, |r|, max |d|
     rel_l2_by_position(s, bins)   rel_l2 over heads and channels per bin of consecutive tokens
-    outliers(s, "ref")         absmax, channel_max_median, kurtosis, frac_6sigma
+    outliers(s, "ref")         absmax, channel_max_median, kurtosis, frac_6sigma (outlier_table: as one [4, heads])
     channel_absmax(s, "ref")   [heads, channels] profile; smoothed=True for K - mean_t K (the kernel's smoothing)
 drift and outliers return views of tables that site_stats has filled (no kernels of their own).
 
 Backends (the same statistics and the same layout of per-program partials [H, P, NSTAT]):
-- `triton` (CUDA tensors; on the CPU only when asked for, under TRITON_INTERPRET=1, as the tests do), 4 launches
-  and a few tiny torch ops per site:
+- `triton` (CUDA tensors; on the CPU only when asked for, under TRITON_INTERPRET=1, as the tests do), a few
+  launches and one torch op (the channel median) per site:
   1. `_site_kernel`, grid (token programs, channel blocks, heads): each program walks `iters` (<= 16) tiles of
      [BLOCK_T, BLOCK_C] values of one head, reading x and r once. Per tile it only reduces along rows (inside a
      warp): row sums of x^2, r^2, d^2, |d|, |r|, row max |d|, and of (v - shift)^1..4 for each tensor with
@@ -23,8 +23,12 @@ Backends (the same statistics and the same layout of per-program partials [H, P,
      crosses warps once, at the end, into one row of fp32 partials, per-channel partials and per-token sums.
   2. `_combine_kernel`, grid (heads + 1): in float64, each head's sums over its partials, the drift metrics (the
      last program pools all heads), the moments and the 6-sigma thresholds.
-  3. `_channel_kernel`: the channel profiles (absmax, max, min, mean) from the per-program channel partials.
-  4. `_count_kernel` per tensor with statistics: the 6-sigma count (below).
+  3. `_channel_kernel`: the channel profiles (absmax, max, min, mean, and smoothing's max |x - mean|) from the
+     per-program channel partials.
+  4. `_count_kernel` per tensor with statistics: the 6-sigma count (below); then `_finish_kernel`, the outlier
+     rows that need the count or the channel profile (count, fraction, channel max over its median; the median is
+     torch's). With `nonfinite`, `_count_kernel` per tensor again: the NaN/inf count, whose programs return at once
+     for heads whose sum of squares is finite (every value finite), so a healthy output costs a launch, no reads.
   Within a tile sums are tl.sum trees (pairwise), over a program's <= 16 tiles fp32 additions, over programs
   float64. H100, Llama-3-8B shapes at 8k tokens (experiments/bench_fused_stats.py): q 0.23 ms of GPU time
   (15 kernels) where the old chain took 6.3 ms (146 kernels); logits [8192, 128256] 1.5 ms vs 84 ms.
@@ -50,7 +54,7 @@ Numerics
 - frac_6sigma = #{|x - mean| > 6 std} / n needs the final mean and std, so it takes a SECOND pass, but only where
   it can be non-zero: a head whose range satisfies max(max - mean, mean - min) <= 6 std has none, decided on the
   device from the first pass's max/min. triton: `_count_kernel` reads a per-head (mean, 6 std, needed) row from
-  device memory and masks every load of heads that need no count (no host sync, no traffic for them); integer
+  device memory and its programs return at once for heads that need no count (no host sync, no traffic); integer
   atomics, so the order does not matter. torch: the centred squares c^2 of the first pass are kept and compared
   in place (c2.gt_(36 var), then a sum: torch's boolean temporaries are slow on CPUs); on the CPU only if some
   head needs it; a chunked tensor is re-read chunk by chunk. Values within rounding of the threshold may count
@@ -76,10 +80,13 @@ XX, RR, DD, AD, AR, MAXD = range(6)  # drift: sum x^2, sum r^2, sum (x-r)^2, sum
 N_, SHIFT, S1, S2, S3, S4, VMAX, VMIN = range(8)  # moments of one tensor (at MOM_X or MOM_R): sums of (v-shift)^k
 MOM_X, MOM_R = 6, 14
 NSTAT = 22
-TILE = 1024  # values per [BLOCK_T, BLOCK_C] tile of the site kernel (H200 sweep: 512-2048 within 20%)
-WARPS = 2  # warps per site-kernel program
+# The site kernel's launch shape, from an H200 sweep of one Llama-3-8B layer's sites at 8k tokens (kernel time
+# alone; experiments/gpu/sweep_site_kernel.py -> experiments/results/sweep_site_kernel_h200.json): 0.36 ms vs 0.48 ms
+# for tiles of 1024 values and 2 warps.
+TILE = 512  # values per [BLOCK_T, BLOCK_C] tile of the site kernel
+WARPS = 1  # warps per site-kernel program
 MAX_ITERS = 16  # tiles per program (fp32 running sums over at most this many tile sums)
-PROGRAMS = 1024  # about this many programs per launch once there are enough tiles (132 SMs on an H100)
+PROGRAMS = 512  # about this many programs per launch once there are enough tiles (132 SMs on an H100)
 CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 26}  # fallback: values per chunk of tokens (all heads together)
 
 
@@ -93,6 +100,7 @@ class Moments:
     channel_max: torch.Tensor  # [H, C] float32, signed max over tokens
     channel_min: torch.Tensor  # [H, C] float32, signed min over tokens
     channel_mean: torch.Tensor  # [H, C] mean over tokens (float64 from torch, float32 from triton)
+    channel_smoothed: torch.Tensor | None = None  # [H, C] float32 max |x - channel mean| (triton; torch: on demand)
 
     mean = property(lambda self: self.table[4])
     var = property(lambda self: self.table[5])  # population variance
@@ -111,6 +119,7 @@ class SiteStats:
     x: Moments | None  # outlier statistics of x (stats_of "x")
     ref: Moments | None  # outlier statistics of the reference (stats_of "ref")
     backend: str  # "triton" or "torch"
+    nonfinite: torch.Tensor | None = None  # [1 or 2, H] int32: NaN and +-inf values of x (and of ref) per head
 
     @property
     def n(self) -> int:
@@ -120,12 +129,14 @@ class SiteStats:
 
 # -- public API -------------------------------------------------------------------------------------------------
 def site_stats(x: torch.Tensor, ref: torch.Tensor | None = None, *, stats_of: tuple[str, ...] | str = (),
-               positions: bool = False, backend: str = "auto", chunk_elems: int | None = None) -> SiteStats:
+               positions: bool = False, nonfinite: bool = False, backend: str = "auto",
+               chunk_elems: int | None = None) -> SiteStats:
     """All statistics of x [heads, tokens, channels] (or [tokens, channels], one head) against ref, one read each.
 
     ref None: outlier statistics of x only. stats_of: the tensors ("x", "ref") whose outlier statistics
     (moments, absmax, channel profile, 6-sigma count) are wanted; drift needs no flag (it comes with ref).
-    positions: also the per-token sums for `rel_l2_by_position` (needs ref). backend: "auto" (Triton for CUDA
+    positions: also the per-token sums for `rel_l2_by_position` (needs ref). nonfinite: also count the NaN and
+    infinite values of x and ref per head (`SiteStats.nonfinite`). backend: "auto" (Triton for CUDA
     tensors when Triton imports, else torch), "torch", or "triton" (CPU tensors only under TRITON_INTERPRET=1).
     chunk_elems: the torch fallback's values per chunk of tokens (default CHUNK_ELEMS of the device type).
     No host synchronization on CUDA: every result stays on the device.
@@ -155,7 +166,11 @@ def site_stats(x: torch.Tensor, ref: torch.Tensor | None = None, *, stats_of: tu
         part, chan, pos, kept = _torch_partials(x3, r3, "x" in which, "ref" in which, positions, chunk_elems)
         sums, table, moments = _torch_finish(x3, r3, which, part, chan, kept, chunk_elems)
     position = None if pos is None else pos.to(torch.float64).reshape(2, -1, T).sum(1)
-    return SiteStats((H, T, C), sums, table, position, moments.get("x"), moments.get("ref"), use)
+    counts = None
+    if nonfinite:  # a head's sum of squares (or variance) is finite unless one of its values is not
+        flags = [sums[XX] if sums is not None else moments["x"].var] + ([] if sums is None else [sums[RR]])
+        counts = _nonfinite_counts([x3, r3][:len(flags)], flags, use)
+    return SiteStats((H, T, C), sums, table, position, moments.get("x"), moments.get("ref"), use, counts)
 
 
 def drift(s: SiteStats, pooled: bool = False) -> dict[str, torch.Tensor]:
@@ -203,6 +218,11 @@ def outliers(s: SiteStats, of: str = "x") -> dict[str, torch.Tensor]:
     return dict(zip(OUTLIER_METRICS, _moments(s, of).table))
 
 
+def outlier_table(s: SiteStats, of: str = "x") -> torch.Tensor:
+    """`outliers(s, of)` as one float64 view [len(OUTLIER_METRICS), heads], a row per metric."""
+    return _moments(s, of).table[:len(OUTLIER_METRICS)]
+
+
 def channel_absmax(s: SiteStats, of: str = "x", smoothed: bool = False) -> torch.Tensor:
     """Per-channel absmax profile float32 [heads, channels] (max over tokens) of x or the reference.
 
@@ -213,6 +233,8 @@ def channel_absmax(s: SiteStats, of: str = "x", smoothed: bool = False) -> torch
     m = _moments(s, of)
     if not smoothed:
         return m.channel_absmax
+    if m.channel_smoothed is not None:  # the channel kernel's, by the same formula
+        return m.channel_smoothed
     hi, lo = m.channel_max.to(torch.float64), m.channel_min.to(torch.float64)
     return torch.maximum(hi - m.channel_mean, m.channel_mean - lo).to(torch.float32)
 
@@ -485,6 +507,24 @@ def _torch_count(tensors, kept, chunk_elems, mean, lim, need):
     return torch.where(need, out, 0.0)
 
 
+def _nonfinite_counts(tensors, flags, backend: str) -> torch.Tensor:
+    """NaN and +-inf values per head [len(tensors), H] int32, looked for only in heads whose flag (a float64 sum
+    over the head, [H]) is not finite: on CUDA a masked kernel launch (no traffic, no host sync) and nothing else
+    when every value is finite; on the CPU a host check."""
+    H, T, C = tensors[0].shape
+    cnt = torch.zeros(len(tensors), H, dtype=torch.int32, device=tensors[0].device)
+    for i, (t, flag) in enumerate(zip(tensors, flags)):
+        if backend == "triton":
+            k = _triton_kernels()
+            block_t, block_c, iters, grid = _launch_shape(H, T, C)
+            with _device_ctx(t):
+                k.count[grid](t, flag, cnt[i], T, C, t.stride(0), t.stride(1), t.stride(2), iters,
+                              BLOCK_T=block_t, BLOCK_C=block_c, NONFINITE=True, num_warps=_warps(block_t, block_c))
+        elif t.device.type != "cpu" or not bool(flag.isfinite().all()):
+            cnt[i] = t.isfinite().logical_not_().sum(dim=(1, 2), dtype=torch.int32)
+    return cnt
+
+
 # -- Triton -----------------------------------------------------------------------------------------------------
 # Bound by _triton_kernels(): importing triton costs ~0.5 s, and fixes interpreted vs compiled for the process.
 triton = tl = _tl_moments = _tl_outliers = None
@@ -687,10 +727,10 @@ def _triton_kernels():
             tl.min(vmin, axis=0)
 
     @triton.jit
-    def _tl_outliers(part_ptr, mom_ptr, thr_ptr, h, H, P, K: tl.constexpr, OFF: tl.constexpr, NSTAT: tl.constexpr,
-                     BLOCK_P: tl.constexpr):
+    def _tl_outliers(part_ptr, mom_ptr, thr_ptr, cnt_ptr, h, H, P, K: tl.constexpr, OFF: tl.constexpr,
+                     NSTAT: tl.constexpr, BLOCK_P: tl.constexpr):
         """Head h's rows of the outlier table mom[K, :, h] and its count thresholds thr[K, h] (mean, 6 std,
-        needed) from the site kernel's partials of tensor K (at OFF)."""
+        needed) from the site kernel's partials of tensor K (at OFF); zeroes its count cnt[K, h]."""
         mean, var, m4, vmax, vmin = _tl_moments(part_ptr, h * P, P, OFF, NSTAT, BLOCK_P)
         tiny = tl.full([], 2.2250738585072014e-308, tl.float64)
         lim = 6.0 * tl.sqrt(var)
@@ -705,11 +745,13 @@ def _triton_kernels():
         tl.store(thr, mean.to(tl.float32))
         tl.store(thr + 1, lim.to(tl.float32))
         tl.store(thr + 2, tl.where(need, 1.0, 0.0).to(tl.float32))
+        tl.store(cnt_ptr + K * H + h, 0)
 
     @triton.jit
     def _channel_kernel(chan_ptr, ch_ptr, H, n_tp, C, T, KOFF, BLOCK_TP: tl.constexpr, BLOCK_C: tl.constexpr):
-        # grid (channel blocks, H, tensors): the channel profiles ch[k, (absmax, max, min, mean), h, :] from the
-        # site kernel's per-program channel max/min/sum, [BLOCK_TP, BLOCK_C] partials at a time
+        # grid (channel blocks, H, tensors): the channel profiles ch[k, (absmax, max, min, mean, smoothed), h, :]
+        # from the site kernel's per-program channel max/min/sum, [BLOCK_TP, BLOCK_C] partials at a time;
+        # smoothed = max(max - mean, mean - min) (K as smoothing leaves it), from the float32 mean in float64
         pid_c = tl.program_id(0)
         h = tl.program_id(1)
         kk = tl.program_id(2) + KOFF
@@ -729,15 +771,36 @@ def _triton_kernels():
             sm += tl.load(base + 2 * plane + off, mask=tm, other=0.0).to(tl.float64)
         hc = tl.max(hi, axis=0)
         lc = tl.min(lo, axis=0)
-        out = ch_ptr + (kk * 4 * H + h).to(tl.int64) * C + cols
+        out = ch_ptr + (kk * 5 * H + h).to(tl.int64) * C + cols
         hC = tl.cast(H, tl.int64) * C
+        mean = (tl.sum(sm, axis=0) / T).to(tl.float32)
         tl.store(out, tl.maximum(hc, -lc), mask=cm)
         tl.store(out + hC, hc, mask=cm)
         tl.store(out + 2 * hC, lc, mask=cm)
-        tl.store(out + 3 * hC, (tl.sum(sm, axis=0) / T).to(tl.float32), mask=cm)
+        tl.store(out + 3 * hC, mean, mask=cm)
+        m64 = mean.to(tl.float64)
+        tl.store(out + 4 * hC, tl.maximum(hc.to(tl.float64) - m64, m64 - lc.to(tl.float64)).to(tl.float32), mask=cm)
 
     @triton.jit
-    def _combine_kernel(part_ptr, sums_ptr, drift_ptr, mom_ptr, thr_ptr, H, P, n_f,
+    def _finish_kernel(cnt_ptr, med_ptr, ch_ptr, mom_ptr, H, C, n_f, KOFF, BLOCK_C: tl.constexpr):
+        # grid (H, tensors): the outlier table's rows that need the 6-sigma count and the channel profile:
+        # mom[k, 7] = count, mom[k, 3] = count / n, mom[k, 1] = max channel absmax / its median (float32 math)
+        h = tl.program_id(0)
+        k = tl.program_id(1) + KOFF
+        row = ch_ptr + (k * 5 * H + h).to(tl.int64) * C
+        top = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            top = tl.maximum(top, tl.load(row + cols, mask=cols < C, other=float("-inf")))
+        med = tl.maximum(tl.load(med_ptr + (k - KOFF) * H + h), 1.1754943508222875e-38)  # float32's smallest normal
+        cnt = tl.load(cnt_ptr + k * H + h).to(tl.float64)
+        mom = mom_ptr + k * 8 * H + h
+        tl.store(mom + H, tl.math.div_rn(tl.max(top, axis=0), med).to(tl.float64))
+        tl.store(mom + 3 * H, cnt / n_f)
+        tl.store(mom + 7 * H, cnt)
+
+    @triton.jit
+    def _combine_kernel(part_ptr, sums_ptr, drift_ptr, mom_ptr, thr_ptr, cnt_ptr, H, P, n_f,
                         HAS_REF: tl.constexpr, MOM_X: tl.constexpr, MOM_R: tl.constexpr, NSTAT: tl.constexpr,
                         BLOCK_P: tl.constexpr):
         # grid (H + 1,): program h < H finishes head h, program H the drift over all heads. float64 throughout.
@@ -790,38 +853,47 @@ def _triton_kernels():
             tl.store(drift_ptr + 4 * W + h, md)
         if h < H:
             if MOM_X:
-                _tl_outliers(part_ptr, mom_ptr, thr_ptr, h, H, P, 0, 6, NSTAT, BLOCK_P)
+                _tl_outliers(part_ptr, mom_ptr, thr_ptr, cnt_ptr, h, H, P, 0, 6, NSTAT, BLOCK_P)
             if MOM_R:
-                _tl_outliers(part_ptr, mom_ptr, thr_ptr, h, H, P, 1, 14, NSTAT, BLOCK_P)
+                _tl_outliers(part_ptr, mom_ptr, thr_ptr, cnt_ptr, h, H, P, 1, 14, NSTAT, BLOCK_P)
 
     @triton.jit
     def _count_kernel(x_ptr, thr_ptr, cnt_ptr, T, C, sxh, sxt, sxc, iters,
-                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        # counts |x - mean| > lim per program; thr [H, 3] = (mean, lim, needed); heads not needed load nothing
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, NONFINITE: tl.constexpr):
+        # counts per head, heads not needed load nothing: |x - mean| > lim, with thr [H, 3] = (mean, lim, needed);
+        # or NONFINITE: NaN and +-inf values, needed where the head's sum thr [H] (float64) is not finite
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
         h = tl.program_id(2)
-        n_tp = tl.num_programs(0)
-        n_cb = tl.num_programs(1)
-        mean = tl.load(thr_ptr + h * 3)
-        lim = tl.load(thr_ptr + h * 3 + 1)
-        c_end = tl.where(tl.load(thr_ptr + h * 3 + 2) != 0.0, C, 0)  # no columns at all where not needed
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cols < c_end
-        x_base = x_ptr + h.to(tl.int64) * sxh
-        x_cols = cols.to(tl.int64)[None, :] * sxc
-        cnt = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), axis=0)
-        for i in range(iters):
-            rows = (pid_t * iters + i) * BLOCK_T + tl.arange(0, BLOCK_T)
-            mask = (rows < T)[:, None] & cmask[None, :]
-            x = tl.load(x_base + rows.to(tl.int64)[:, None] * sxt + x_cols, mask=mask, other=0.0).to(tl.float32)
-            hit = (tl.abs(x - mean) > lim) & mask
-            cnt += tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0)
-        tl.atomic_add(cnt_ptr + h, cnt)  # integers: the order does not matter
+        if NONFINITE:
+            flag = tl.load(thr_ptr + h)
+            needed = (flag != flag) | (tl.abs(flag) == float("inf"))
+            mean = 0.0
+            lim = 0.0
+        else:
+            mean = tl.load(thr_ptr + h * 3)
+            lim = tl.load(thr_ptr + h * 3 + 1)
+            needed = tl.load(thr_ptr + h * 3 + 2) != 0.0
+        if needed:  # (a program of a head that needs no count returns at once)
+            cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+            cmask = cols < C
+            x_base = x_ptr + h.to(tl.int64) * sxh
+            x_cols = cols.to(tl.int64)[None, :] * sxc
+            cnt = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), axis=0)
+            for i in range(iters):
+                rows = (pid_t * iters + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+                mask = (rows < T)[:, None] & cmask[None, :]
+                x = tl.load(x_base + rows.to(tl.int64)[:, None] * sxt + x_cols, mask=mask, other=0.0).to(tl.float32)
+                if NONFINITE:
+                    hit = ((x != x) | (tl.abs(x) == float("inf"))) & mask
+                else:
+                    hit = (tl.abs(x - mean) > lim) & mask
+                cnt += tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0)
+            tl.atomic_add(cnt_ptr + h, cnt)  # integers: the order does not matter
 
     interpreted = type(_site_kernel).__name__ == "InterpretedFunction"
     return SimpleNamespace(site=_site_kernel, combine=_combine_kernel, channels=_channel_kernel,
-                           count=_count_kernel, interpreted=interpreted)
+                           count=_count_kernel, finish=_finish_kernel, interpreted=interpreted)
 
 
 def _launch_shape(H: int, T: int, C: int):
@@ -879,30 +951,28 @@ def _triton_finish(x, r, which, part, chan, launch):
     table = torch.empty(5, H + 1, dtype=f64, device=dev) if has_ref else None
     mom = torch.empty(2, 8, H, dtype=f64, device=dev)  # [tensor (x, ref), OUTLIER_METRICS + mean/var/m4/count, H]
     thr = torch.empty(2, H, 3, dtype=torch.float32, device=dev)
-    ch = torch.empty(2, 4, H, C, dtype=torch.float32, device=dev)  # absmax, max, min, mean per channel
+    cnt = torch.empty(2, H, dtype=torch.int32, device=dev)  # the 6-sigma counts (zeroed by the combine)
+    ch = torch.empty(2, 5, H, C, dtype=torch.float32, device=dev)  # absmax, max, min, mean, smoothed per channel
     P = part.shape[1]
     with _device_ctx(x):
         k.combine[(H + 1 if has_ref else H,)](
-            part, sums if has_ref else mom, table if has_ref else mom, mom, thr, H, P, float(T * C),
+            part, sums if has_ref else mom, table if has_ref else mom, mom, thr, cnt, H, P, float(T * C),
             HAS_REF=has_ref, MOM_X="x" in which, MOM_R="ref" in which, NSTAT=NSTAT,
             BLOCK_P=min(_next_pow2(P), 1024), num_warps=4)
         moments = {}
         if which:
             kk = [("x", "ref").index(w) for w in which]
-            sl = slice(kk[0], kk[-1] + 1)
             k.channels[(-(-C // 128), H, len(kk))](chan, ch, H, grid[0], C, T, kk[0], BLOCK_TP=16,
                                                    BLOCK_C=min(_next_pow2(C), 128), num_warps=4)
-            cnt = torch.zeros(2, H, dtype=torch.int32, device=dev)
             for i, w in zip(kk, which):
                 t = x if w == "x" else r
                 k.count[grid](t, thr[i], cnt[i], T, C, t.stride(0), t.stride(1), t.stride(2), iters,
-                              BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_warps(block_t, block_c))
-            cabs = ch[sl, 0]
-            mom[sl, 7] = cnt[sl]
-            mom[sl, 3] = mom[sl, 7] / (T * C)
-            mom[sl, 1] = cabs.amax(-1) / cabs.median(-1).values.clamp_min(torch.finfo(torch.float32).tiny)
+                              BLOCK_T=block_t, BLOCK_C=block_c, NONFINITE=False, num_warps=_warps(block_t, block_c))
+            median = ch[kk[0]:kk[-1] + 1, 0].median(-1).values  # torch.median's: the lower middle value
+            k.finish[(H, len(kk))](cnt, median, ch, mom, H, C, float(T * C), kk[0],
+                                   BLOCK_C=min(_next_pow2(C), 1024), num_warps=4)
             for i, w in zip(kk, which):
-                moments[w] = Moments(T * C, mom[i], ch[i, 0], ch[i, 1], ch[i, 2], ch[i, 3])
+                moments[w] = Moments(T * C, mom[i], ch[i, 0], ch[i, 1], ch[i, 2], ch[i, 3], ch[i, 4])
     return sums, table, moments
 
 

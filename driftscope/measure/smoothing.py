@@ -18,6 +18,9 @@ Smoothing is done as the kernel does it: k - k.mean(tokens), in the input dtype.
 """
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -28,25 +31,38 @@ VARIANTS = {"sage8": True, "sage8-nosmooth": False}
 
 
 def _dequant(x_HxTxD: torch.Tensor, block: int, scale_mul: float) -> torch.Tensor:
-    x_int8, scales = paths.quantize_per_block(x_HxTxD[None], block, scale_mul)
-    T = x_HxTxD.shape[1]
-    per_token = scales[0].repeat_interleave(block, dim=1)[:, :T]  # [H, T]
-    return x_int8[0].to(torch.float32) * per_token[..., None]
+    """x as the kernel quantizes it (per block of `block` tokens of each head), dequantized to fp32; x [H, T, D] or
+    [B, H, T, D]."""
+    x = x_HxTxD if x_HxTxD.dim() == 4 else x_HxTxD[None]
+    x_int8, scales = paths.quantize_per_block(x, block, scale_mul)
+    per_token = scales.repeat_interleave(block, dim=2)[:, :, :x.shape[2]]  # [B, H, T]
+    out = x_int8.to(torch.float32) * per_token[..., None]
+    return out if x_HxTxD.dim() == 4 else out[0]
 
 
 def _dequant_rows(x_HxTxD: torch.Tensor, rows: torch.Tensor, block: int, scale_mul: float) -> torch.Tensor:
     """`_dequant(x, block, scale_mul)[:, rows]` without quantizing the other rows: each row with the scale of its
     whole block (absmax over the block, taken in the input dtype: |x| * scale_mul rounds monotonically, so the
     max commutes with the fp32 multiply), rounded as the kernel rounds (half away from zero)."""
-    H, T, D = x_HxTxD.shape
-    nblk = -(-T // block)
-    padded = torch.nn.functional.pad(x_HxTxD.abs(), (0, 0, 0, nblk * block - T))
-    absmax = padded.reshape(H, nblk, block * D).amax(-1).to(torch.float32)  # [H, nblk]
+    absmax = _block_absmax(x_HxTxD, block).to(torch.float32)  # [H, blocks]
     scale = (absmax * torch.tensor(np.float32(scale_mul))) / 127.0
     scale_r = scale[:, rows // block, None]  # [H, R, 1]
     xi = x_HxTxD[:, rows].to(torch.float32) * torch.tensor(np.float32(scale_mul)) / scale_r
     xi = (xi + torch.where(xi >= 0, 0.5, -0.5)).trunc().nan_to_num(0.0)  # 0/0 of an all-zero block -> 0
     return xi * scale_r
+
+
+def _block_absmax(x_HxTxD: torch.Tensor, block: int) -> torch.Tensor:
+    """max |x| per head and block of `block` tokens [H, ceil(T / block)], in x's dtype: max(|max x|, |min x|), two
+    reads of x and no |x| temporary (x may be a strided view of the attention's q)."""
+    H, T, D = x_HxTxD.shape
+    full = T // block * block
+    parts = [x_HxTxD[:, :full].unflatten(1, (-1, block))] if full else []
+    if full < T:
+        parts.append(x_HxTxD[:, None, full:])
+    hi = torch.cat([p.amax(dim=(2, 3)) for p in parts], 1)
+    lo = torch.cat([p.amin(dim=(2, 3)) for p in parts], 1)
+    return torch.maximum(hi.abs(), lo.abs())
 
 
 KEY_BLOCKS = 32  # 64-token K blocks read: all of them up to 2,048 tokens, this many evenly spaced ones beyond
@@ -87,39 +103,58 @@ def smoothing_stats(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 25
     out[("channel_bias", None)] = (k_HxTxD.mean(dim=1, dtype=f32).norm(dim=-1)
                                    / torch.linalg.vector_norm(k_HxTxD, dim=-1, dtype=f32).mean(1)).to(f64)
 
-    keys = key_sample(T, key_blocks, dev)
-    k_s = k_HxTxD if keys is None else k_HxTxD[:, keys]
-    key_pos = torch.arange(T, device=dev) if keys is None else keys
-    Tk = k_s.shape[1]
+    smp = _sample(T, Hkv, group, rows, key_blocks, dev)
+    k_s = k_HxTxD if smp.keys is None else k_HxTxD[:, smp.keys]
     k32 = k_s.to(f32)
-    # Sampled causal query rows (distinct: spacing >= 1 since R <= T; made on the device, since a host-to-device copy
-    # would wait for the GPU at every layer), and the exact unsmoothed scores they see. Query head h uses KV head
-    # h // group, so each KV head's `group` query heads are consecutive: their rows stack into one matmul per KV head.
-    R = min(T, score_rows(Tk, rows))
-    qi = torch.linspace(0, T - 1, R, dtype=f64, device=dev).round().long()
-    out[("qk_rows", None)] = torch.full((Hkv,), float(R), dtype=f64, device=dev)
-    out[("k_tokens", None)] = torch.full((Hkv,), float(Tk), dtype=f64, device=dev)
-    mask = (key_pos[None, :] <= qi[:, None]).repeat(group, 1)  # [group * R, Tk]
+    qi, R = smp.qi, smp.qi.numel()
+    out[("qk_rows", None)], out[("k_tokens", None)] = smp.qk_rows, smp.k_tokens
     q_hat = _dequant_rows(q_HxTxD, qi, 128, sm).view(Hkv, group * R, D)  # already scaled by sm
     q_exact = (q_HxTxD[:, qi].to(f32) * sm).view(Hkv, group * R, D)
-    denom = _centred_sq(q_exact @ k32.transpose(1, 2), mask)  # [Hkv]
-    k_norm_sq = k32.square().sum(dim=(1, 2), dtype=f64)
+    k_norm_sq = _sum64(k32.square())
 
-    for variant, smooth in VARIANTS.items():
-        k_in = k_s - k_mean if smooth else k_s
-        k_hat = _dequant(k_in, 64, 1.0)
-        k_in32 = k_in.to(f32)
-        err_sq = (k_hat - k_in32).square().sum(dim=(1, 2), dtype=f64)
-        out[("k_quant_err", variant)] = (err_sq / k_norm_sq).sqrt()
-        s_err = (q_hat @ k_hat.transpose(1, 2)).sub_(q_exact @ k_in32.transpose(1, 2))
-        err = _centred_sq(s_err, mask)
-        out[("qk_quant_err", variant)] = (err / denom.clamp_min(torch.finfo(f64).tiny)).sqrt()
+    # both variants at once: K as each variant quantizes it [V, Hkv, Tk, D], its INT8 error and the score error
+    k_in = torch.stack([k_s - k_mean if smooth else k_s for smooth in VARIANTS.values()])
+    k_hat = _dequant(k_in, 64, 1.0)
+    k_in32 = k_in.to(f32)
+    err_sq = _sum64((k_hat - k_in32).square_())  # [V, Hkv]
+    s_err = (q_hat @ k_hat.transpose(-1, -2)).sub_(q_exact @ k_in32.transpose(-1, -2))  # [V, Hkv, group * R, Tk]
+    centred = _centred_sq(torch.cat([s_err, (q_exact @ k32.transpose(1, 2))[None]]), smp.drop, smp.per_row)
+    denom = centred[-1].clamp_min(torch.finfo(f64).tiny)  # the exact unsmoothed scores' spread
+    for i, variant in enumerate(VARIANTS):
+        out[("k_quant_err", variant)] = (err_sq[i] / k_norm_sq).sqrt()
+        out[("qk_quant_err", variant)] = (centred[i] / denom).sqrt()
     return out
 
 
-def _centred_sq(x_HxRxT: torch.Tensor, mask_RxT: torch.Tensor) -> torch.Tensor:
-    """Sum over causal entries of (x - its row mean)^2, per head (of the leading dim): float32 elementwise (a row's mean is removed
-    before squaring, so nothing cancels), float64 sums."""
-    x = x_HxRxT.masked_fill(~mask_RxT, 0.0)
-    mean = x.sum(-1, keepdim=True, dtype=torch.float64) / mask_RxT.sum(-1, keepdim=True)
-    return x.sub_(mean.to(torch.float32)).masked_fill_(~mask_RxT, 0.0).square_().sum(dim=(1, 2), dtype=torch.float64)
+def _centred_sq(x_HxRxT: torch.Tensor, drop_RxT: torch.Tensor, per_row_Rx1: torch.Tensor) -> torch.Tensor:
+    """Sum over the kept (causal) entries of (x - its row mean)^2, per head (of the leading dims): float32
+    elementwise (a row's mean is removed before squaring, so nothing cancels), float64 sums across rows.
+    drop: the entries left out; per_row: how many each row keeps (float32)."""
+    x = x_HxRxT.masked_fill(drop_RxT, 0.0)
+    return _sum64(x.sub_(x.sum(-1, keepdim=True) / per_row_Rx1).masked_fill_(drop_RxT, 0.0).square_())
+
+
+@functools.lru_cache(maxsize=64)
+def _sample(T: int, Hkv: int, group: int, rows: int, key_blocks: int, device) -> SimpleNamespace:
+    """What the statistics sample at one shape, made once per shape (the same at every layer): K's token indices
+    (`key_sample`), the query rows and the causal mask of the sampled scores.
+
+    The query rows are distinct (spacing >= 1 since R <= T) and made on the device, since a host-to-device copy
+    would wait for the GPU. Query head h uses KV head h // group, so each KV head's `group` query heads are
+    consecutive: their rows stack into one matmul per KV head, and the mask repeats per query head."""
+    keys = key_sample(T, key_blocks, device)
+    key_pos = torch.arange(T, device=device) if keys is None else keys
+    Tk = key_pos.numel()
+    R = min(T, score_rows(Tk, rows))
+    qi = torch.linspace(0, T - 1, R, dtype=torch.float64, device=device).round().long()
+    mask = (key_pos[None, :] <= qi[:, None]).repeat(group, 1)  # [group * R, Tk]
+    f64 = torch.float64
+    return SimpleNamespace(keys=keys, qi=qi, drop=~mask, per_row=mask.sum(-1, keepdim=True, dtype=torch.float32),
+                           qk_rows=torch.full((Hkv,), float(R), dtype=f64, device=device),
+                           k_tokens=torch.full((Hkv,), float(Tk), dtype=f64, device=device))
+
+
+def _sum64(x_HxRxC: torch.Tensor) -> torch.Tensor:
+    """Per head: float32 sums along the last dim (torch's tree reduction; <= a few thousand terms), float64 across
+    rows. (`sum(dtype=torch.float64)` would first copy all of x to float64.)"""
+    return x_HxRxC.sum(-1).to(torch.float64).sum(-1)

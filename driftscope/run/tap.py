@@ -14,6 +14,7 @@ which restores the model in a `finally`). The tap sees plain tensors; transforme
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,7 +28,7 @@ from driftscope.measure.records import Records
 
 SITES = ("q", "k", "v", "attn_out", "resid", "logits")
 POSITION_BINS = 128  # per-position curves are binned to at most this many points
-HEAD_METRICS = ("cosine", "rel_l2", "rel_l1")  # per head; all of fused.DRIFT_METRICS over all heads
+HEAD_METRICS = fused.DRIFT_METRICS[:3]  # cosine, rel_l2, rel_l1 per head; all of DRIFT_METRICS over all heads
 MASSIVE_TOP_K = 8
 SCORE_ROWS = 256  # query rows sampled for the QK^T quantization error
 # The statistics a tap computes, switchable for benchmarks' per-piece cost breakdown (a run file needs them all).
@@ -86,31 +87,31 @@ class Tap:
     # -- attention ---------------------------------------------------------------------------------
     def attention(self, layer: int, query, key, value, *, causal: bool, scale: float | None) -> torch.Tensor:
         """Run every path on this call's q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D]; record; return [B,Hq,Tq,D]."""
-        if self.mode == "propagated":
+        if len(self.path_fns) == 1:  # nothing to compare: the path's output is only counted
+            out = self.path_fns[0](query, key, value, causal=causal, scale=scale)
+            self.records.add(layer, "attn_out", self.names[0], "nonfinite", out.isfinite().logical_not().sum(),
+                             heads=False)
+            self._observe(layer, query, key, value, out)
+        elif self.mode == "propagated":
             out = lockstep(self.path_fns)(layer, query, key, value, causal=causal, scale=scale)
-            for r, name in enumerate(self.names):
-                self._nonfinite(layer, name, out[r])
             self._observe(layer, query, key, value, out)
         else:
             ref = self.path_fns[0](query, key, value, causal=causal, scale=scale)
-            self._nonfinite(layer, self.names[0], ref)
-            for fn in self.path_fns[1:]:
+            for i, fn in enumerate(self.path_fns[1:]):
                 out_fn = fn(query, key, value, causal=causal, scale=scale)
-                self._nonfinite(layer, fn.name, out_fn)
-                self._site(layer, "attn_out", out_fn[0], fn.name, ref[0])
+                self._site(layer, "attn_out", out_fn[0], fn.name, ref[0], self.names[0], count_ref=i == 0)
             self._observe(layer, query, key, value, ref)
             out = ref
         return out
 
-    def _nonfinite(self, layer: int, path: str, out: torch.Tensor) -> None:
-        """The count of non-finite values a path's attention output holds (a kernel bug, never silently averaged)."""
-        self.records.add(layer, "attn_out", path, "nonfinite", out.isfinite().logical_not().sum(), heads=False)
-
     def _site(self, layer: int, site: str, x: torch.Tensor, path: str, ref: torch.Tensor | None = None,
-              ref_path: str = "", *, stats_of: tuple[str, ...] = (), heads: bool = True, profile: bool = False) -> None:
+              ref_path: str = "", *, stats_of: tuple[str, ...] = (), heads: bool = True, profile: bool = False,
+              count_ref: bool = False) -> None:
         """Every statistic of one site from one fused read of x and ref (driftscope.measure.fused): drift of x
         against ref, the outlier statistics of the tensors in `stats_of` ("x": path's, "ref": ref_path's), the
         per-position curve in prefill, and with `profile` the reference's channel profiles (K's smoothed too).
+        At attn_out also the count of x's non-finite values (a kernel bug, never silently averaged), and of ref's
+        with `count_ref` (the first comparison with each reference output).
 
         heads: per-head drift and statistics (values over all heads are recorded either way); False for sites
         without heads and for a decode step's q, k, v (one token per head: per-head values there are noise)."""
@@ -121,29 +122,32 @@ class Tap:
         if ref is None and not stats_of:
             return
         prefill = self.records.context.phase == "prefill"
-        if not prefill and ref is not None and not stats_of and site != "logits":
-            self._pending.append((layer, site, path, x, ref, heads))  # one token per site: batched in _flush
+        if not prefill and ref is not None and not stats_of and site != "logits":  # one token per site: batched
+            self._pending.append((layer, site, path, x, ref, heads, ref_path if count_ref else None))  # in _flush
             return
         positions = ref is not None and prefill and site in ("attn_out", "resid")
-        s = fused.site_stats(x, ref, stats_of=stats_of, positions=positions)
+        nonfinite = ref is not None and site == "attn_out"
+        s = fused.site_stats(x, ref, stats_of=stats_of, positions=positions, nonfinite=nonfinite)
         rec = self.records
-        if ref is not None:
+        if nonfinite:
+            counts = s.nonfinite.sum(1)  # [x, ref] over heads
+            rec.add(layer, site, path, "nonfinite", counts[:1], heads=False)
+            if count_ref:
+                rec.add(layer, site, ref_path, "nonfinite", counts[1:], heads=False)
+        if ref is not None:  # one record per table: DRIFT_METRICS per head, then over all heads
             if heads:
-                for metric, values in fused.drift(s).items():
-                    if metric in HEAD_METRICS:
-                        rec.add(layer, site, path, metric, values)
-            for metric, values in fused.drift(s, pooled=True).items():
-                rec.add(layer, site, path, metric, values, heads=False)
+                rec.add(layer, site, path, HEAD_METRICS, s.table[:len(HEAD_METRICS), :-1])
+            rec.add(layer, site, path, fused.DRIFT_METRICS, s.table[:, -1:], heads=False)
             if positions:
                 starts, curve = fused.rel_l2_by_position(s, POSITION_BINS)
                 rec.add(layer, site, path, "rel_l2_pos", curve, heads=False, index=starts)
         for of in stats_of:
-            for metric, values in fused.outliers(s, of).items():
-                rec.add(layer, site, path if of == "x" else ref_path, metric, values, heads=heads)
+            rec.add(layer, site, path if of == "x" else ref_path, fused.OUTLIER_METRICS, fused.outlier_table(s, of),
+                    heads=heads)
         if profile:
             of = "ref" if "ref" in stats_of else "x"
             owner = ref_path if of == "ref" else path
-            idx = torch.arange(s.shape[2], device=x.device)
+            idx = _arange(s.shape[2], x.device)
             rec.add(layer, site, owner, "absmax_channel", fused.channel_absmax(s, of), index=idx)
             if site == "k":  # and K as the kernel quantizes it with smoothing on
                 rec.add(layer, site, owner, "absmax_channel_smoothed", fused.channel_absmax(s, of, smoothed=True),
@@ -167,7 +171,7 @@ class Tap:
         for r in range(1, t.shape[0]):
             stats_of = (("ref",) if r == 1 and 0 in stat_rows else ()) + (("x",) if r in stat_rows else ())
             self._site(layer, site, t[r], names[r], t[0], names[0], stats_of=stats_of, heads=heads,
-                       profile=profile and r == 1)
+                       profile=profile and r == 1, count_ref=r == 1)
 
     def _observe(self, layer: int, query, key, value, out) -> None:
         """Drift of each row against row 0 at q, k, v (new tokens) and attn_out, plus statistics and storage."""
@@ -209,11 +213,13 @@ class Tap:
     def residual(self, layer: int, resid: torch.Tensor) -> None:
         self._rows(resid, layer, "resid", "resid_stats", heads=False)
         if self._stats_now() and "resid_stats" in self.pieces:
-            for r in self._first_rows() if self.mode == "propagated" else [0]:
-                values, tok, ch = outliers.massive_activations(resid[r], MASSIVE_TOP_K)
-                rank = torch.arange(values.numel(), device=values.device)
-                for metric, v in (("massive_value", values), ("massive_token", tok), ("massive_channel", ch)):
-                    self.records.add(layer, "resid", self.names[r], metric, v, heads=False, index=rank)
+            rows = self._first_rows() if self.mode == "propagated" else [0]
+            found = outliers.massive_activations(resid if rows == list(range(len(resid))) else resid[rows],
+                                                 MASSIVE_TOP_K)  # [rows, k] each
+            rank = _arange(found[0].shape[1], resid.device)
+            for i, r in enumerate(rows):
+                for metric, v in zip(("massive_value", "massive_token", "massive_channel"), found):
+                    self.records.add(layer, "resid", self.names[r], metric, v[i], heads=False, index=rank)
         if self.sink is not None and self.store.wants("resid", layer):
             for r in range(resid.shape[0]):
                 self._store(layer, "resid", self.names[r], resid[r])
@@ -229,22 +235,32 @@ class Tap:
         """A decode step's drift for every layer at once: one fused pass per (site, path) over the layers' stacked
         one-token tensors (per layer, and per head where wanted), where a pass per layer would be launch-bound."""
         groups: dict = {}
-        for layer, site, path, x, ref, heads in self._pending:
-            groups.setdefault((site, path, heads, tuple(x.shape), x.device), []).append((layer, x, ref))
+        for layer, site, path, x, ref, heads, ref_path in self._pending:
+            groups.setdefault((site, path, heads, ref_path, tuple(x.shape), x.device), []).append((layer, x, ref))
         self._pending = []
         rec = self.records
-        for (site, path, heads, shape, _), items in groups.items():
+        for (site, path, heads, ref_path, shape, _), items in groups.items():
             x = torch.stack([t for _, t, _ in items])  # [L, H, 1, D] or [L, 1, C]
             ref = torch.stack([t for _, _, t in items])
             L, C = x.shape[0], shape[-1]
-            pooled = fused.drift(fused.site_stats(x.reshape(L, -1, C), ref.reshape(L, -1, C)))  # a "head" per layer
+            # drift tables [metrics, layers (+ pooled)]: a "head" per layer, then per (layer, head)
+            pooled = fused.site_stats(x.reshape(L, -1, C), ref.reshape(L, -1, C), nonfinite=site == "attn_out")
             H = shape[0] if heads else 1
-            per_head = fused.drift(fused.site_stats(x.reshape(L * H, -1, C), ref.reshape(L * H, -1, C))) if heads else {}
+            per_head = fused.site_stats(x.reshape(L * H, -1, C), ref.reshape(L * H, -1, C)).table if heads else None
             for i, (layer, _, _) in enumerate(items):
-                for metric, values in pooled.items():
-                    rec.add(layer, site, path, metric, values[i:i + 1], heads=False)
-                for metric in HEAD_METRICS if heads else ():
-                    rec.add(layer, site, path, metric, per_head[metric][i * H:(i + 1) * H])
+                rec.add(layer, site, path, fused.DRIFT_METRICS, pooled.table[:, i:i + 1], heads=False)
+                if heads:
+                    rec.add(layer, site, path, HEAD_METRICS, per_head[:len(HEAD_METRICS), i * H:(i + 1) * H])
+                if pooled.nonfinite is not None:
+                    rec.add(layer, site, path, "nonfinite", pooled.nonfinite[0, i:i + 1], heads=False)
+                    if ref_path is not None:
+                        rec.add(layer, site, ref_path, "nonfinite", pooled.nonfinite[1, i:i + 1], heads=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device) -> torch.Tensor:
+    """0..n-1 on a device, made once (channel and rank indices of every layer's records)."""
+    return torch.arange(n, device=device)
 
 
 def nonfinite_warnings(columns: dict) -> list[str]:

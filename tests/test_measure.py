@@ -124,6 +124,19 @@ def test_sampled_smoothing_statistics_stay_near_the_full_ones():
             assert torch.allclose(sampled[key], values, rtol=0.05), (key, sampled[key], values)
 
 
+def test_smoothing_of_several_layers_at_once_equals_one_at_a_time():
+    """The capture finishes several layers' samples together (stacked along KV heads): the same statistics."""
+    torch.manual_seed(4)
+    qs = [torch.randn(4, 700, 64).half() for _ in range(3)]
+    ks = [(torch.randn(2, 700, 64) + 5 * torch.randn(2, 1, 64)).half() for _ in range(3)]
+    together = smoothing.finish([smoothing.sample(q, k) for q, k in zip(qs, ks)])
+    for q, k, got in zip(qs, ks, together):
+        alone = smoothing.smoothing_stats(q, k)
+        assert got.keys() == alone.keys()
+        for key in alone:
+            torch.testing.assert_close(got[key], alone[key], rtol=1e-6, atol=0, msg=str(key))
+
+
 def test_smoothing_stats_against_a_float64_reference():
     """Every statistic against a direct float64 computation on all query rows (a short prompt samples them all),
     on K with a per-channel offset that smoothing removes."""

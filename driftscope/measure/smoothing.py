@@ -19,6 +19,7 @@ Smoothing is done as the kernel does it: k - k.mean(tokens), in the input dtype.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,10 +45,15 @@ def _dequant_rows(x_HxTxD: torch.Tensor, rows: torch.Tensor, block: int, scale_m
     """`_dequant(x, block, scale_mul)[:, rows]` without quantizing the other rows: each row with the scale of its
     whole block (absmax over the block, taken in the input dtype: |x| * scale_mul rounds monotonically, so the
     max commutes with the fp32 multiply), rounded as the kernel rounds (half away from zero)."""
-    absmax = _block_absmax(x_HxTxD, block).to(torch.float32)  # [H, blocks]
-    scale = (absmax * torch.tensor(np.float32(scale_mul))) / 127.0
+    return _dequant_sampled(x_HxTxD[:, rows], _block_absmax(x_HxTxD, block), rows, block, scale_mul)
+
+
+def _dequant_sampled(x_HxRxD: torch.Tensor, absmax_HxB: torch.Tensor, rows: torch.Tensor, block: int,
+                     scale_mul: float) -> torch.Tensor:
+    """`_dequant_rows` from the rows x[:, rows] and the blocks' absmax (`_block_absmax`), fp32 [H, R, D]."""
+    scale = (absmax_HxB.to(torch.float32) * torch.tensor(np.float32(scale_mul))) / 127.0
     scale_r = scale[:, rows // block, None]  # [H, R, 1]
-    xi = x_HxTxD[:, rows].to(torch.float32) * torch.tensor(np.float32(scale_mul)) / scale_r
+    xi = x_HxRxD.to(torch.float32) * torch.tensor(np.float32(scale_mul)) / scale_r
     xi = (xi + torch.where(xi >= 0, 0.5, -0.5)).trunc().nan_to_num(0.0)  # 0/0 of an all-zero block -> 0
     return xi * scale_r
 
@@ -91,35 +97,79 @@ def smoothing_stats(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 25
                     scale: float | None = None, key_blocks: int = KEY_BLOCKS) -> dict[tuple[str, str | None], torch.Tensor]:
     """{(metric, variant): values [kv_heads]}; variant None for statistics of K itself, and for the sample sizes
     ("qk_rows": query rows of the scores, "k_tokens": K tokens of k_quant_err and the scores; see key_sample).
-    channel_bias and the smoothing mean always use all of K."""
+    channel_bias and the smoothing mean always use all of K. (`sample` then `finish`, for one layer.)"""
+    return finish([sample(q_HxTxD, k_HxTxD, rows, scale, key_blocks)])[0]
+
+
+@dataclass
+class Sample:
+    """What the statistics need of one layer, small: the sampled query rows (as the kernel quantizes them and
+    exact, both scaled by sm_scale * log2 e), the sampled K and K's mean, and channel_bias (from all of K)."""
+
+    q_hat: torch.Tensor  # [Hkv, group * R, D] float32
+    q_exact: torch.Tensor  # [Hkv, group * R, D] float32
+    k: torch.Tensor  # [Hkv, Tk, D], the input dtype
+    k_mean: torch.Tensor  # [Hkv, 1, D], the input dtype (the kernel's smoothing)
+    channel_bias: torch.Tensor  # [Hkv] float64
+    shape: SimpleNamespace  # the sample's indices and mask (_sample), shared by every layer of a forward
+
+    @property
+    def score_entries(self) -> int:
+        """Entries of the score matrices `finish` makes of this sample (its temporaries scale so)."""
+        return len(VARIANTS) * self.q_hat.shape[0] * self.q_hat.shape[1] * self.k.shape[1]
+
+
+def sample(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 256, scale: float | None = None,
+           key_blocks: int = KEY_BLOCKS) -> Sample:
+    """The part of the statistics that reads a layer's full q and k; `finish` does the rest for many layers at once
+    (the capture keeps several layers' samples and finishes them together: ~90 small kernels per batch, not layer)."""
     Hq, T, D = q_HxTxD.shape
     Hkv = k_HxTxD.shape[0]
     group = Hq // Hkv
     sm = (scale if scale is not None else D ** -0.5) * LOG2E
-    dev = q_HxTxD.device
     f32, f64 = torch.float32, torch.float64
-    out: dict[tuple[str, str | None], torch.Tensor] = {}
-    k_mean = k_HxTxD.mean(dim=1, keepdim=True)  # the kernel's smoothing, in the input dtype
-    out[("channel_bias", None)] = (k_HxTxD.mean(dim=1, dtype=f32).norm(dim=-1)
-                                   / torch.linalg.vector_norm(k_HxTxD, dim=-1, dtype=f32).mean(1)).to(f64)
+    shape = _sample(T, Hkv, group, rows, key_blocks, q_HxTxD.device)
+    qi = shape.qi
+    bias = (k_HxTxD.mean(dim=1, dtype=f32).norm(dim=-1) / torch.linalg.vector_norm(k_HxTxD, dim=-1, dtype=f32).mean(1))
+    return Sample(q_hat=_dequant_rows(q_HxTxD, qi, 128, sm).view(Hkv, group * qi.numel(), D),
+                  q_exact=(q_HxTxD[:, qi].to(f32) * sm).view(Hkv, group * qi.numel(), D),
+                  k=k_HxTxD if shape.keys is None else k_HxTxD[:, shape.keys],
+                  k_mean=k_HxTxD.mean(dim=1, keepdim=True), channel_bias=bias.to(f64), shape=shape)
 
-    smp = _sample(T, Hkv, group, rows, key_blocks, dev)
-    k_s = k_HxTxD if smp.keys is None else k_HxTxD[:, smp.keys]
+
+def finish(samples: list[Sample]) -> list[dict[tuple[str, str | None], torch.Tensor]]:
+    """`smoothing_stats` of each sample, computed for all of them at once (samples of one shape stack along the
+    KV heads; every statistic is per KV head)."""
+    out: list = [None] * len(samples)
+    groups: dict = {}
+    for i, smp in enumerate(samples):
+        groups.setdefault(id(smp.shape), []).append(i)
+    for idx in groups.values():
+        shape = samples[idx[0]].shape
+        Hkv = samples[idx[0]].k.shape[0]
+        cat = {name: torch.cat([getattr(samples[i], name) for i in idx]) for name in ("q_hat", "q_exact", "k", "k_mean")}
+        stats = _stats(cat["q_hat"], cat["q_exact"], cat["k"], cat["k_mean"], shape)
+        for j, i in enumerate(idx):
+            layer = {key: v[j * Hkv:(j + 1) * Hkv] for key, v in stats.items()}
+            out[i] = {("channel_bias", None): samples[i].channel_bias, ("qk_rows", None): shape.qk_rows,
+                      ("k_tokens", None): shape.k_tokens, **layer}
+    return out
+
+
+def _stats(q_hat, q_exact, k_s, k_mean, shape) -> dict[tuple[str, str], torch.Tensor]:
+    """k_quant_err and qk_quant_err of both variants, [heads] each, from stacked samples."""
+    f32, f64 = torch.float32, torch.float64
     k32 = k_s.to(f32)
-    qi, R = smp.qi, smp.qi.numel()
-    out[("qk_rows", None)], out[("k_tokens", None)] = smp.qk_rows, smp.k_tokens
-    q_hat = _dequant_rows(q_HxTxD, qi, 128, sm).view(Hkv, group * R, D)  # already scaled by sm
-    q_exact = (q_HxTxD[:, qi].to(f32) * sm).view(Hkv, group * R, D)
     k_norm_sq = _sum64(k32.square())
-
     # both variants at once: K as each variant quantizes it [V, Hkv, Tk, D], its INT8 error and the score error
     k_in = torch.stack([k_s - k_mean if smooth else k_s for smooth in VARIANTS.values()])
     k_hat = _dequant(k_in, 64, 1.0)
     k_in32 = k_in.to(f32)
     err_sq = _sum64((k_hat - k_in32).square_())  # [V, Hkv]
     s_err = (q_hat @ k_hat.transpose(-1, -2)).sub_(q_exact @ k_in32.transpose(-1, -2))  # [V, Hkv, group * R, Tk]
-    centred = _centred_sq(torch.cat([s_err, (q_exact @ k32.transpose(1, 2))[None]]), smp.drop, smp.per_row)
+    centred = _centred_sq(torch.cat([s_err, (q_exact @ k32.transpose(1, 2))[None]]), shape.drop, shape.per_row)
     denom = centred[-1].clamp_min(torch.finfo(f64).tiny)  # the exact unsmoothed scores' spread
+    out = {}
     for i, variant in enumerate(VARIANTS):
         out[("k_quant_err", variant)] = (err_sq[i] / k_norm_sq).sqrt()
         out[("qk_quant_err", variant)] = (centred[i] / denom).sqrt()

@@ -31,6 +31,9 @@ POSITION_BINS = 128  # per-position curves are binned to at most this many point
 HEAD_METRICS = fused.DRIFT_METRICS[:3]  # cosine, rel_l2, rel_l1 per head; all of DRIFT_METRICS over all heads
 MASSIVE_TOP_K = 8
 SCORE_ROWS = 256  # query rows sampled for the QK^T quantization error
+# Smoothing statistics of this many score entries' worth of layers at once: the batch's temporaries (~1 GB at 2^25,
+# 4 layers of Llama-3-8B) come mid-forward, below the logits' peak, and cost ~90 small kernels per batch, not layer.
+SMOOTHING_BATCH = 1 << 25
 # The statistics a tap computes, switchable for benchmarks' per-piece cost breakdown (a run file needs them all).
 PIECES = frozenset({"attn_drift", "resid_drift", "logits_drift", "outliers", "resid_stats", "smoothing"})
 
@@ -70,6 +73,7 @@ class Tap:
     with_stats: bool = True  # outliers and smoothing-K statistics (once per prompt is enough)
     pieces: frozenset = PIECES  # which statistics to compute (see PIECES)
     _pending: list = field(default_factory=list)  # a decode step's sites, measured together when the step ends
+    _samples: list = field(default_factory=list)  # (layer, smoothing sample) of a prefill, finished at its end
 
     @property
     def names(self) -> list[str]:
@@ -191,11 +195,20 @@ class Tap:
         return self.with_stats and self.records.context.phase == "prefill"
 
     def _smoothing(self, layer: int, q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor) -> None:
-        """Smoothing-K statistics per KV head, from the reference row (see driftscope.measure.smoothing)."""
-        stats = smoothing.smoothing_stats(q_HxTxD, k_HxTxD, rows=SCORE_ROWS)
-        ref = self.names[0]
-        for (metric, variant), values in stats.items():
-            self.records.add(layer, "k", variant or ref, metric, values)
+        """Smoothing-K statistics per KV head, from the reference row (see driftscope.measure.smoothing): the layer's
+        small sample now, the statistics of several layers' samples at once (SMOOTHING_BATCH; the rest when the
+        forward ends, `_flush`)."""
+        self._samples.append((layer, smoothing.sample(q_HxTxD, k_HxTxD, rows=SCORE_ROWS)))
+        if sum(smp.score_entries for _, smp in self._samples) >= SMOOTHING_BATCH:
+            self._finish_smoothing()
+
+    def _finish_smoothing(self) -> None:
+        if self._samples:
+            layers, samples = zip(*self._samples)
+            self._samples = []
+            for layer, stats in zip(layers, smoothing.finish(list(samples))):
+                for (metric, variant), values in stats.items():
+                    self.records.add(layer, "k", variant or self.names[0], metric, values)
 
     def _store(self, layer: int, site: str, path: str, x: torch.Tensor) -> None:
         spec, ctx = self.store, self.records.context
@@ -232,8 +245,10 @@ class Tap:
         self._flush()
 
     def _flush(self) -> None:
-        """A decode step's drift for every layer at once: one fused pass per (site, path) over the layers' stacked
-        one-token tensors (per layer, and per head where wanted), where a pass per layer would be launch-bound."""
+        """What a forward left for its end: the smoothing statistics not yet batched, and a decode step's drift
+        for every layer at once: one fused pass per (site, path) over the layers' stacked one-token tensors (per
+        layer, and per head where wanted), where a pass per layer would be launch-bound."""
+        self._finish_smoothing()
         groups: dict = {}
         for layer, site, path, x, ref, heads, ref_path in self._pending:
             groups.setdefault((site, path, heads, ref_path, tuple(x.shape), x.device), []).append((layer, x, ref))

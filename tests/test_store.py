@@ -432,8 +432,8 @@ def test_records_of_a_table_equal_one_record_per_metric():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_records_copy_views_dtypes_and_big_storages_exactly(device):
-    """The host copy cuts views out of their tables (inference-mode views too), converts float32/int32 values to
-    float64, and copies only the values of a view into a big tensor (on CUDA: pinned, without blocking)."""
+    """The host copy cuts views out of their tables (inference-mode views too), converts float32/int32/bfloat16
+    values to float64, and copies only the values of a view into a big tensor (on CUDA: pinned, without blocking)."""
     torch = pytest.importorskip("torch")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -444,7 +444,8 @@ def test_records_copy_views_dtypes_and_big_storages_exactly(device):
         table = torch.arange(30, dtype=torch.float64, device=device).view(5, 6)
         big = torch.arange(100_000, dtype=torch.float32, device=device)
         parts = [table[:3, :-1], table[:, -1:], table[2], big[7:10],
-                 torch.tensor([3, 1], dtype=torch.int32, device=device), table[::2, 1]]
+                 torch.tensor([3, 1], dtype=torch.int32, device=device), table[::2, 1],
+                 torch.tensor([0.5, -2.0], dtype=torch.bfloat16, device=device)]
         for i, t in enumerate(parts):
             rec.add(0, "q", "p", f"m{i}", t.reshape(-1) if t.dim() == 2 and t.shape[1] == 1 else t, heads=False)
         rec.add(0, "q", "p", "e", table[4, :2], heads=False, index=torch.arange(10, 16, device=device)[::3])

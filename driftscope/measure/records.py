@@ -125,6 +125,8 @@ def _start_host_copy(tensors: list[torch.Tensor], dtype: torch.dtype) -> Callabl
     filled: dict = {}  # dtype -> elements in its tables so far
     views = []  # per tensor: (dtype, element offset, numel, shape and strides or None where contiguous)
     for t in tensors:
+        if t.dtype == torch.bfloat16:  # (numpy has no bfloat16)
+            t = t.float()
         size = t.untyped_storage().nbytes() // t.element_size()
         whole = size <= 4 * t.numel() + 4096  # copy the view's whole storage (inference-mode views have no _base)
         key = (t.untyped_storage().data_ptr(), t.device, t.dtype) if whole else len(views)

@@ -73,7 +73,7 @@ class Tap:
     with_stats: bool = True  # outliers and smoothing-K statistics (once per prompt is enough)
     pieces: frozenset = PIECES  # which statistics to compute (see PIECES)
     _pending: list = field(default_factory=list)  # a decode step's sites, measured together when the step ends
-    _samples: list = field(default_factory=list)  # (layer, smoothing sample) of a prefill, finished at its end
+    _samples: list = field(default_factory=list)  # (layer, smoothing sample) of a prefill, finished in batches
 
     @property
     def names(self) -> list[str]:

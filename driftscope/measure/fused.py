@@ -513,10 +513,11 @@ def _nonfinite_counts(tensors, flags, backend: str) -> torch.Tensor:
     when every value is finite; on the CPU a host check."""
     H, T, C = tensors[0].shape
     cnt = torch.zeros(len(tensors), H, dtype=torch.int32, device=tensors[0].device)
+    if backend == "triton":
+        k = _triton_kernels()
+        block_t, block_c, iters, grid = _launch_shape(H, T, C)
     for i, (t, flag) in enumerate(zip(tensors, flags)):
         if backend == "triton":
-            k = _triton_kernels()
-            block_t, block_c, iters, grid = _launch_shape(H, T, C)
             with _device_ctx(t):
                 k.count[grid](t, flag, cnt[i], T, C, t.stride(0), t.stride(1), t.stride(2), iters,
                               BLOCK_T=block_t, BLOCK_C=block_c, NONFINITE=True, num_warps=_warps(block_t, block_c))

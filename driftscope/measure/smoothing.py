@@ -130,9 +130,10 @@ def sample(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 256, scale:
     f32, f64 = torch.float32, torch.float64
     shape = _sample(T, Hkv, group, rows, key_blocks, q_HxTxD.device)
     qi = shape.qi
+    q_rows = q_HxTxD[:, qi]  # gathered once for both the quantized and the exact rows
     bias = (k_HxTxD.mean(dim=1, dtype=f32).norm(dim=-1) / torch.linalg.vector_norm(k_HxTxD, dim=-1, dtype=f32).mean(1))
-    return Sample(q_hat=_dequant_rows(q_HxTxD, qi, 128, sm).view(Hkv, group * qi.numel(), D),
-                  q_exact=(q_HxTxD[:, qi].to(f32) * sm).view(Hkv, group * qi.numel(), D),
+    return Sample(q_hat=_dequant_sampled(q_rows, _block_absmax(q_HxTxD, 128), qi, 128, sm).view(Hkv, -1, D),
+                  q_exact=(q_rows.to(f32) * sm).view(Hkv, -1, D),
                   k=k_HxTxD if shape.keys is None else k_HxTxD[:, shape.keys],
                   k_mean=k_HxTxD.mean(dim=1, keepdim=True), channel_bias=bias.to(f64), shape=shape)
 
@@ -196,9 +197,9 @@ def _sample(T: int, Hkv: int, group: int, rows: int, key_blocks: int, device) ->
     key_pos = torch.arange(T, device=device) if keys is None else keys
     Tk = key_pos.numel()
     R = min(T, score_rows(Tk, rows))
-    qi = torch.linspace(0, T - 1, R, dtype=torch.float64, device=device).round().long()
-    mask = (key_pos[None, :] <= qi[:, None]).repeat(group, 1)  # [group * R, Tk]
     f64 = torch.float64
+    qi = torch.linspace(0, T - 1, R, dtype=f64, device=device).round().long()
+    mask = (key_pos[None, :] <= qi[:, None]).repeat(group, 1)  # [group * R, Tk]
     return SimpleNamespace(keys=keys, qi=qi, drop=~mask, per_row=mask.sum(-1, keepdim=True, dtype=torch.float32),
                            qk_rows=torch.full((Hkv,), float(R), dtype=f64, device=device),
                            k_tokens=torch.full((Hkv,), float(Tk), dtype=f64, device=device))

@@ -59,16 +59,13 @@ def _dequant_sampled(x_HxRxD: torch.Tensor, absmax_HxB: torch.Tensor, rows: torc
 
 
 def _block_absmax(x_HxTxD: torch.Tensor, block: int) -> torch.Tensor:
-    """max |x| per head and block of `block` tokens [H, ceil(T / block)], in x's dtype: max(|max x|, |min x|), two
-    reads of x and no |x| temporary (x may be a strided view of the attention's q)."""
-    H, T, D = x_HxTxD.shape
-    full = T // block * block
-    parts = [x_HxTxD[:, :full].unflatten(1, (-1, block))] if full else []
-    if full < T:
-        parts.append(x_HxTxD[:, None, full:])
-    hi = torch.cat([p.amax(dim=(2, 3)) for p in parts], 1)
-    lo = torch.cat([p.amin(dim=(2, 3)) for p in parts], 1)
-    return torch.maximum(hi.abs(), lo.abs())
+    """max |x| per head and block of `block` tokens [H, ceil(T / block)], in x's dtype: each token's max |x| from one
+    aminmax along the channels (contiguous in the attention's q, whose heads are strided: a reduction over tokens
+    and channels read it at a third of the bandwidth), then the max over each block's tokens (padding 0 <= |x|)."""
+    H, T, _ = x_HxTxD.shape
+    lo, hi = torch.aminmax(x_HxTxD, dim=-1)  # no |x| temporary
+    per_token = torch.maximum(hi.abs_(), lo.abs_())
+    return torch.nn.functional.pad(per_token, (0, -T % block)).view(H, -1, block).amax(-1)
 
 
 KEY_BLOCKS = 32  # 64-token K blocks read: all of them up to 2,048 tokens, this many evenly spaced ones beyond
@@ -167,8 +164,15 @@ def _stats(q_hat, q_exact, k_s, k_mean, shape) -> dict[tuple[str, str], torch.Te
     k_hat = _dequant(k_in, 64, 1.0)
     k_in32 = k_in.to(f32)
     err_sq = _sum64((k_hat - k_in32).square_())  # [V, Hkv]
-    s_err = (q_hat @ k_hat.transpose(-1, -2)).sub_(q_exact @ k_in32.transpose(-1, -2))  # [V, Hkv, group * R, Tk]
-    centred = _centred_sq(torch.cat([s_err, (q_exact @ k32.transpose(1, 2))[None]]), shape.drop, shape.per_row)
+    # scores [V + 1, Hkv, group * R, Tk]: each variant's error Q^ K^^T - Q K'^T, then the exact unsmoothed Q K^T,
+    # written in place by the matmuls (the error's subtraction is the second matmul's accumulation)
+    V, (Hkv, R, D), Tk = len(VARIANTS), q_exact.shape, k_s.shape[1]
+    scores = q_exact.new_empty(V + 1, Hkv, R, Tk)
+    err = scores[:V].view(V * Hkv, R, Tk)
+    torch.bmm(q_hat.repeat(V, 1, 1), k_hat.view(V * Hkv, Tk, D).mT, out=err)
+    err.baddbmm_(q_exact.repeat(V, 1, 1), k_in32.view(V * Hkv, Tk, D).mT, alpha=-1.0)
+    torch.bmm(q_exact, k32.mT, out=scores[V])
+    centred = _centred_sq(scores, shape.drop, shape.keep, shape.per_row)
     denom = centred[-1].clamp_min(torch.finfo(f64).tiny)  # the exact unsmoothed scores' spread
     out = {}
     for i, variant in enumerate(VARIANTS):
@@ -177,12 +181,15 @@ def _stats(q_hat, q_exact, k_s, k_mean, shape) -> dict[tuple[str, str], torch.Te
     return out
 
 
-def _centred_sq(x_HxRxT: torch.Tensor, drop_RxT: torch.Tensor, per_row_Rx1: torch.Tensor) -> torch.Tensor:
+def _centred_sq(x_HxRxT: torch.Tensor, drop_RxT: torch.Tensor, keep_RxT: torch.Tensor,
+                per_row_Rx1: torch.Tensor) -> torch.Tensor:
     """Sum over the kept (causal) entries of (x - its row mean)^2, per head (of the leading dims): float32
     elementwise (a row's mean is removed before squaring, so nothing cancels), float64 sums across rows.
-    drop: the entries left out; per_row: how many each row keeps (float32)."""
-    x = x_HxRxT.masked_fill(drop_RxT, 0.0)
-    return _sum64(x.sub_(x.sum(-1, keepdim=True) / per_row_Rx1).masked_fill_(drop_RxT, 0.0).square_())
+    drop / keep: the entries left out / kept (bool / float32 0-1); per_row: how many each row keeps (float32).
+    Overwrites x."""
+    x = x_HxRxT.masked_fill_(drop_RxT, 0.0)
+    x.addcmul_(x.sum(-1, keepdim=True) / per_row_Rx1, keep_RxT, value=-1.0)  # kept: x - mean; dropped: 0 - 0
+    return torch.linalg.vector_norm(x, dim=-1).square_().to(torch.float64).sum(-1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,7 +207,8 @@ def _sample(T: int, Hkv: int, group: int, rows: int, key_blocks: int, device) ->
     f64 = torch.float64
     qi = torch.linspace(0, T - 1, R, dtype=f64, device=device).round().long()
     mask = (key_pos[None, :] <= qi[:, None]).repeat(group, 1)  # [group * R, Tk]
-    return SimpleNamespace(keys=keys, qi=qi, drop=~mask, per_row=mask.sum(-1, keepdim=True, dtype=torch.float32),
+    return SimpleNamespace(keys=keys, qi=qi, drop=~mask, keep=mask.to(torch.float32),
+                           per_row=mask.sum(-1, keepdim=True, dtype=torch.float32),
                            qk_rows=torch.full((Hkv,), float(R), dtype=f64, device=device),
                            k_tokens=torch.full((Hkv,), float(Tk), dtype=f64, device=device))
 

@@ -1,5 +1,6 @@
 """The fused site kernel's launch shape on the GPU: GPU time of the site kernel alone (CUDA-graph replays) for one
-layer's sites (Llama-3-8B shapes at 8k tokens, as the capture makes them) for TILE x WARPS x PROGRAMS.
+layer's sites (Llama-3-8B shapes at 8k tokens, as the capture makes them) for TILE x WARPS x PROGRAMS x
+MAX_ITERS.
 
     python experiments/gpu/sweep_site_kernel.py --out $OUT/sweep_site_kernel.json
 """
@@ -41,11 +42,9 @@ def main() -> int:
              ("resid", resid[1], resid[0], dict(stats_of=("ref", "x"), positions=True))]
     bytes_layer = sum(x.numel() * 2 * 2 for _, x, _, _ in layer)
     results = []
-    for tile, warps, programs in itertools.product((512, 1024, 2048, 4096), (1, 2, 4, 8), (512, 1024, 4096)):
-        if tile // 32 < warps:
-            continue
-        fused.TILE, fused.WARPS, fused.PROGRAMS = tile, warps, programs
-        row = {"tile": tile, "warps": warps, "programs": programs}
+    for tile, warps, programs, max_iters in itertools.product((256, 512, 1024, 2048), (1, 2, 4), (512, 2048), (16, 64)):
+        fused.TILE, fused.WARPS, fused.PROGRAMS, fused.MAX_ITERS = tile, warps, programs, max_iters
+        row = {"tile": tile, "warps": warps, "programs": programs, "max_iters": max_iters}
         for name, x, r, kw in layer + [("logits", logits[1], logits[0], {})]:
             want = "x" in kw.get("stats_of", ()), "ref" in kw.get("stats_of", ())
             x, r = (x, r) if x.dim() == 3 else (x[None], r[None])

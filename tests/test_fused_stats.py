@@ -293,3 +293,21 @@ def test_nonfinite_counts_are_exact_in_both_backends(triton_device, monkeypatch,
         finite = fused.site_stats(r[:3].to(device), x[1:2].expand(3, -1, -1).to(device), nonfinite=True,
                                   backend=backend)
         assert finite.nonfinite.sum() == 0 and fused.site_stats(x.to(device), r.to(device)).nonfinite is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_absmax_is_exact_in_both_backends(triton_device, dtype):
+    """The INT8 block scales' absmax (smoothing's Q blocks): equal to max |x| per head and block of 128 tokens in
+    both backends, on a strided [H, T, D] view with a partial last block; NaN where a block holds one."""
+    g = torch.Generator().manual_seed(7)
+    for T, D in ((300, 64), (128, 80), (5, 128)):
+        x = (torch.randn(T, 4, D, generator=g) * 3).to(dtype)
+        x[T // 2, 1, 3] = -1000
+        x = x.transpose(0, 1)  # [H, T, D] over [T, H, D] memory, as the attention's q
+        want = torch.nn.functional.pad(x.abs().float().amax(-1), (0, -T % 128)).view(4, -1, 128).amax(-1).to(dtype)
+        x[2, 0, 1] = float("nan")
+        want[2, 0] = float("nan")
+        for backend, device in (("torch", "cpu"), ("triton", triton_device)):
+            got = fused.block_absmax(x.to(device), 128, backend=backend).cpu()
+            assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan()), (backend, T)
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), (backend, T)

@@ -16,21 +16,22 @@ drift and outliers return views of tables that site_stats has filled (no kernels
 Backends (the same statistics and the same layout of per-program partials [H, P, NSTAT]):
 - `triton` (CUDA tensors; on the CPU only when asked for, under TRITON_INTERPRET=1, as the tests do), a few
   launches and one torch op (the channel median) per site:
-  1. `_site_kernel`, grid (token programs, channel blocks, heads): each program walks `iters` (<= 16) tiles of
-     [BLOCK_T, BLOCK_C] values of one head, reading x and r once. Per tile it only reduces along rows (inside a
-     warp): row sums of x^2, r^2, d^2, |d|, |r|, row max |d|, and of (v - shift)^1..4 for each tensor with
-     statistics, accumulated per row in fp32 registers; channel max/min/sum accumulate elementwise. Everything
-     crosses warps once, at the end, into one row of fp32 partials, per-channel partials and per-token sums.
+  1. `_site_kernel`, grid (token programs, channel blocks, heads): each program walks `iters` (<= MAX_ITERS)
+     tiles of [BLOCK_T, BLOCK_C] values of one head, reading x and r once (the next tile's loads issued before
+     this tile's arithmetic). Sums of x^2, r^2, d^2, |d|, |r|, max |d|, and of (v - shift)^1..4 for each tensor
+     with statistics, and the channel max/min/sum, accumulate elementwise in fp32 registers and are reduced once,
+     at the end, into one row of fp32 partials and per-channel partials; with positions, each tile's per-token
+     sums of d^2 and r^2 are stored as they come.
   2. `_combine_kernel`, grid (heads + 1): in float64, each head's sums over its partials, the drift metrics (the
      last program pools all heads), the moments and the 6-sigma thresholds.
   3. `_channel_kernel`: the channel profiles (absmax, max, min, mean, and smoothing's max |x - mean|) from the
      per-program channel partials.
   4. `_count_kernel` per tensor with statistics: the 6-sigma count (below); then `_finish_kernel`, the outlier
      rows that need the count or the channel profile (count, fraction, channel max over its median; the median is
-     torch's). With `nonfinite`, `_count_kernel` per tensor again: the NaN/inf count, whose programs return at once
+     torch's). `block_absmax` (smoothing's Q block scales) is a kernel of its own. With `nonfinite`, `_count_kernel` per tensor again: the NaN/inf count, whose programs return at once
      for heads whose sum of squares is finite (every value finite), so a healthy output costs a launch, no reads.
-  Within a tile sums are tl.sum trees (pairwise), over a program's <= 16 tiles fp32 additions, over programs
-  float64. H100, Llama-3-8B shapes at 8k tokens (experiments/bench_fused_stats.py): q 0.23 ms of GPU time
+  Over a program's <= MAX_ITERS tiles sums are fp32 additions per element, within the tile a tl.sum tree
+  (pairwise), over programs float64. H100, Llama-3-8B shapes at 8k tokens (experiments/bench_fused_stats.py): q 0.23 ms of GPU time
   (15 kernels) where the old chain took 6.3 ms (146 kernels); logits [8192, 128256] 1.5 ms vs 84 ms.
 - `torch`, the vectorized fallback (the CPU, or CUDA without Triton): fp32 work on one contiguous copy per tensor,
   no float64 temporaries, reductions along rows (torch's fp32 sums are cascaded; its norm over rows of <= 4096),
@@ -49,7 +50,7 @@ Numerics
   turns each into central sums with delta = S1 / n (M2 = S2 - n delta^2, M3, M4 likewise) and merges them around
   the global mean with the binomial terms in (mean_b - mean) (Chan et al.'s pairwise formulas, all at once).
   Nothing cancels as long as |shift - mean| is a few std at most, which holds unless a program's first tile
-  is far off the rest of its (<= 16 tiles of) values; the torch path leaves S3 out when unchunked (its term is
+  is far off the rest of its (<= MAX_ITERS tiles of) values; the torch path leaves S3 out when unchunked (its term is
   4 delta S3 with delta ~ the fp32 rounding of the mean: < 1e-6 relative for |mean|/std < 100 in fp32).
 - frac_6sigma = #{|x - mean| > 6 std} / n needs the final mean and std, so it takes a SECOND pass, but only where
   it can be non-zero: a head whose range satisfies max(max - mean, mean - min) <= 6 std has none, decided on the
@@ -81,11 +82,11 @@ N_, SHIFT, S1, S2, S3, S4, VMAX, VMIN = range(8)  # moments of one tensor (at MO
 MOM_X, MOM_R = 6, 14
 NSTAT = 22
 # The site kernel's launch shape, from an H200 sweep of one Llama-3-8B layer's sites at 8k tokens (kernel time
-# alone; experiments/gpu/sweep_site_kernel.py -> experiments/results/sweep_site_kernel_h200.json): 0.36 ms vs 0.48 ms
-# for tiles of 1024 values and 2 warps.
-TILE = 512  # values per [BLOCK_T, BLOCK_C] tile of the site kernel
+# alone; experiments/gpu/sweep_site_kernel.py -> experiments/results/sweep_site_kernel_h200.json): 0.27 ms, vs
+# 0.32 ms with 16 tiles per program and 0.33 ms with tiles of 512 values and 2 warps.
+TILE = 256  # values per [BLOCK_T, BLOCK_C] tile of the site kernel
 WARPS = 1  # warps per site-kernel program
-MAX_ITERS = 16  # tiles per program (fp32 running sums over at most this many tile sums)
+MAX_ITERS = 64  # tiles per program (each accumulator element sums at most this many values in fp32)
 PROGRAMS = 512  # about this many programs per launch once there are enough tiles (132 SMs on an H100)
 CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 26}  # fallback: values per chunk of tokens (all heads together)
 
@@ -240,6 +241,24 @@ def channel_absmax(s: SiteStats, of: str = "x", smoothed: bool = False) -> torch
 
 
 # -- shared helpers ---------------------------------------------------------------------------------------------
+def block_absmax(x_HxTxD: torch.Tensor, block: int, backend: str = "auto") -> torch.Tensor:
+    """max |x| per head and block of `block` consecutive tokens, [H, ceil(T / block)] in x's dtype (NaN where the
+    block holds one): the scales of a per-block INT8 quantization. One read of x, which may be strided (the
+    attention's q is [H, T, D] over [T, H, D] memory): a Triton kernel on CUDA, else one aminmax along D
+    (backend as in `site_stats`)."""
+    H, T, D = x_HxTxD.shape
+    if _choose_backend(backend, x_HxTxD) == "triton":
+        out = torch.empty(H, -(-T // block), dtype=x_HxTxD.dtype, device=x_HxTxD.device)
+        rows = max(1, min(block, 4096 // _next_pow2(D)))
+        with _device_ctx(x_HxTxD):
+            _triton_kernels().block_absmax[(out.shape[1], H)](
+                x_HxTxD, out, T, D, *x_HxTxD.stride(), BLOCK=block, ROWS=rows, BLOCK_D=_next_pow2(D), num_warps=4)
+        return out
+    lo, hi = torch.aminmax(x_HxTxD, dim=-1)  # per token, without a |x| temporary
+    per_token = torch.maximum(hi.abs_(), lo.abs_())
+    return torch.nn.functional.pad(per_token, (0, -T % block)).view(H, -1, block).amax(-1)
+
+
 def _as_3d(t: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
         raise ValueError(f"{name} must be a [heads, tokens, channels] or [tokens, channels] tensor, "
@@ -880,7 +899,7 @@ def _triton_kernels():
             cmask = cols < C
             x_base = x_ptr + h.to(tl.int64) * sxh
             x_cols = cols.to(tl.int64)[None, :] * sxc
-            cnt = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), axis=0)
+            cnt = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.int32)  # elementwise, reduced once
             for i in range(iters):
                 rows = (pid_t * iters + i) * BLOCK_T + tl.arange(0, BLOCK_T)
                 mask = (rows < T)[:, None] & cmask[None, :]
@@ -889,12 +908,31 @@ def _triton_kernels():
                     hit = ((x != x) | (tl.abs(x) == float("inf"))) & mask
                 else:
                     hit = (tl.abs(x - mean) > lim) & mask
-                cnt += tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0)
-            tl.atomic_add(cnt_ptr + h, cnt)  # integers: the order does not matter
+                cnt += hit.to(tl.int32)
+            tl.atomic_add(cnt_ptr + h, tl.sum(cnt))  # integers: the order does not matter
+
+    @triton.jit
+    def _block_absmax_kernel(x_ptr, out_ptr, T, D, sxh, sxt, sxd, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+        # grid (token blocks, heads): max |x| over BLOCK tokens x D channels of one head, NaN if any value is
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        cols = tl.arange(0, BLOCK_D)
+        base = x_ptr + h.to(tl.int64) * sxh + cols.to(tl.int64)[None, :] * sxd
+        top = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        for t0 in range(0, BLOCK, ROWS):
+            rows = b * BLOCK + t0 + tl.arange(0, ROWS)
+            m = (rows < T)[:, None] & (cols < D)[None, :]
+            v = tl.load(base + rows.to(tl.int64)[:, None] * sxt, mask=m, other=0.0).to(tl.float32)
+            top = tl.maximum(top, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+        biggest = tl.max(top)
+        tl.store(out_ptr + h * tl.num_programs(0) + b, tl.where(tl.max((top != top).to(tl.int32)) > 0,
+                                                                  float("nan"), biggest).to(out_ptr.dtype.element_ty))
 
     interpreted = type(_site_kernel).__name__ == "InterpretedFunction"
     return SimpleNamespace(site=_site_kernel, combine=_combine_kernel, channels=_channel_kernel,
-                           count=_count_kernel, finish=_finish_kernel, interpreted=interpreted)
+                           count=_count_kernel, finish=_finish_kernel, block_absmax=_block_absmax_kernel,
+                           interpreted=interpreted)
 
 
 def _launch_shape(H: int, T: int, C: int):

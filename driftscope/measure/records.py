@@ -45,6 +45,7 @@ class Records:
     _keys: list = field(default_factory=list)
     _values: list = field(default_factory=list)
     _elements: list = field(default_factory=list)
+    _element_repeats: list = field(default_factory=list)  # [heads, n] values under one index [n]: heads copies
 
     def add(self, layer: int, site: str, path: str, metric: str | tuple[str, ...], values: torch.Tensor, *,
             heads: bool = True, index: torch.Tensor | None = None, head: int = -1) -> None:
@@ -68,9 +69,9 @@ class Records:
         self._keys.append((c.prompt, c.length, c.mode, c.phase, c.step, layer, site, path, metrics,
                            n, heads, head, per_head, index is not None))
         self._values.append(values)
-        if index is not None:
-            index = index.reshape(-1)
-            self._elements.append(index.repeat(per_head) if per_head else index)
+        if index is not None:  # (repeated per head on the host, in `columns`)
+            self._elements.append(index.reshape(-1))
+            self._element_repeats.append(max(per_head, 1))
 
     def __len__(self) -> int:
         return sum(k[9] * len(k[8]) for k in self._keys)
@@ -103,8 +104,12 @@ class Records:
         # the keys with an index took their elements from `elements` in order; the others are -1
         cols["element"] = np.full(len(cols["value"]), -1, dtype=np.int64)
         if elements is not None:
-            cols["element"][has_index] = elements()
-        self._keys, self._values, self._elements = [], [], []
+            flat, at, parts = elements(), 0, []
+            for index, repeats in zip(self._elements, self._element_repeats):
+                parts.append(np.tile(flat[at:at + index.numel()], repeats))
+                at += index.numel()
+            cols["element"][has_index] = np.concatenate(parts)
+        self._keys, self._values, self._elements, self._element_repeats = [], [], [], []
         return {name: cols[name] for name in COLUMNS}
 
 

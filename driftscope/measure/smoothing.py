@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from driftscope import paths
+from driftscope.measure import fused
 
 LOG2E = 1.44269504
 VARIANTS = {"sage8": True, "sage8-nosmooth": False}
@@ -45,27 +46,17 @@ def _dequant_rows(x_HxTxD: torch.Tensor, rows: torch.Tensor, block: int, scale_m
     """`_dequant(x, block, scale_mul)[:, rows]` without quantizing the other rows: each row with the scale of its
     whole block (absmax over the block, taken in the input dtype: |x| * scale_mul rounds monotonically, so the
     max commutes with the fp32 multiply), rounded as the kernel rounds (half away from zero)."""
-    return _dequant_sampled(x_HxTxD[:, rows], _block_absmax(x_HxTxD, block), rows, block, scale_mul)
+    return _dequant_sampled(x_HxTxD[:, rows], fused.block_absmax(x_HxTxD, block), rows, block, scale_mul)
 
 
 def _dequant_sampled(x_HxRxD: torch.Tensor, absmax_HxB: torch.Tensor, rows: torch.Tensor, block: int,
                      scale_mul: float) -> torch.Tensor:
-    """`_dequant_rows` from the rows x[:, rows] and the blocks' absmax (`_block_absmax`), fp32 [H, R, D]."""
+    """`_dequant_rows` from the rows x[:, rows] and the blocks' absmax (`fused.block_absmax`), fp32 [H, R, D]."""
     scale = (absmax_HxB.to(torch.float32) * torch.tensor(np.float32(scale_mul))) / 127.0
     scale_r = scale[:, rows // block, None]  # [H, R, 1]
     xi = x_HxRxD.to(torch.float32) * torch.tensor(np.float32(scale_mul)) / scale_r
     xi = (xi + torch.where(xi >= 0, 0.5, -0.5)).trunc().nan_to_num(0.0)  # 0/0 of an all-zero block -> 0
     return xi * scale_r
-
-
-def _block_absmax(x_HxTxD: torch.Tensor, block: int) -> torch.Tensor:
-    """max |x| per head and block of `block` tokens [H, ceil(T / block)], in x's dtype: each token's max |x| from one
-    aminmax along the channels (contiguous in the attention's q, whose heads are strided: a reduction over tokens
-    and channels read it at a third of the bandwidth), then the max over each block's tokens (padding 0 <= |x|)."""
-    H, T, _ = x_HxTxD.shape
-    lo, hi = torch.aminmax(x_HxTxD, dim=-1)  # no |x| temporary
-    per_token = torch.maximum(hi.abs_(), lo.abs_())
-    return torch.nn.functional.pad(per_token, (0, -T % block)).view(H, -1, block).amax(-1)
 
 
 KEY_BLOCKS = 32  # 64-token K blocks read: all of them up to 2,048 tokens, this many evenly spaced ones beyond
@@ -129,7 +120,7 @@ def sample(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 256, scale:
     qi = shape.qi
     q_rows = q_HxTxD[:, qi]  # gathered once for both the quantized and the exact rows
     bias = (k_HxTxD.mean(dim=1, dtype=f32).norm(dim=-1) / torch.linalg.vector_norm(k_HxTxD, dim=-1, dtype=f32).mean(1))
-    return Sample(q_hat=_dequant_sampled(q_rows, _block_absmax(q_HxTxD, 128), qi, 128, sm).view(Hkv, -1, D),
+    return Sample(q_hat=_dequant_sampled(q_rows, fused.block_absmax(q_HxTxD, 128), qi, 128, sm).view(Hkv, -1, D),
                   q_exact=(q_rows.to(f32) * sm).view(Hkv, -1, D),
                   k=k_HxTxD if shape.keys is None else k_HxTxD[:, shape.keys],
                   k_mean=k_HxTxD.mean(dim=1, keepdim=True), channel_bias=bias.to(f64), shape=shape)

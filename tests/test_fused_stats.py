@@ -311,3 +311,18 @@ def test_block_absmax_is_exact_in_both_backends(triton_device, dtype):
             got = fused.block_absmax(x.to(device), 128, backend=backend).cpu()
             assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan()), (backend, T)
             assert torch.equal(got.nan_to_num(), want.nan_to_num()), (backend, T)
+
+
+def test_prefix_centred_sq_matches_float64_in_both_backends(triton_device):
+    """Smoothing's score spreads: per row, the centred sum of squares of its first kept[r] entries, within 1e-5 of
+    float64 on rows with a large offset (1e3 + noise), down to a single kept entry (0)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 1500, generator=g) * 2 + 1e3
+    kept = torch.tensor([1, 7, 1024, 1500, 1499], dtype=torch.int32)
+    x64 = x.double()
+    want = torch.stack([((x64[..., r, :n] - x64[..., r, :n].mean(-1, keepdim=True)) ** 2).sum(-1)
+                        for r, n in enumerate(kept.tolist())], -1)
+    for backend, device in (("torch", "cpu"), ("triton", triton_device)):
+        got = fused.prefix_centred_sq(x.to(device), kept.to(device), backend=backend).cpu()
+        assert got.shape == (2, 3, 5) and torch.all(got[..., 0] == 0), backend
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0, msg=backend)

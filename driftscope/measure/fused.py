@@ -28,7 +28,8 @@ Backends (the same statistics and the same layout of per-program partials [H, P,
      per-program channel partials.
   4. `_count_kernel` per tensor with statistics: the 6-sigma count (below); then `_finish_kernel`, the outlier
      rows that need the count or the channel profile (count, fraction, channel max over its median; the median is
-     torch's). `block_absmax` (smoothing's Q block scales) is a kernel of its own. With `nonfinite`, `_count_kernel` per tensor again: the NaN/inf count, whose programs return at once
+     torch's). `block_absmax` and `prefix_centred_sq` (smoothing's Q block scales and score spreads) are kernels of
+     their own. With `nonfinite`, `_count_kernel` per tensor again: the NaN/inf count, whose programs return at once
      for heads whose sum of squares is finite (every value finite), so a healthy output costs a launch, no reads.
   Over a program's <= MAX_ITERS tiles sums are fp32 additions per element, within the tile a tl.sum tree
   (pairwise), over programs float64. H100, Llama-3-8B shapes at 8k tokens (experiments/bench_fused_stats.py): q 0.23 ms of GPU time
@@ -257,6 +258,22 @@ def block_absmax(x_HxTxD: torch.Tensor, block: int, backend: str = "auto") -> to
     lo, hi = torch.aminmax(x_HxTxD, dim=-1)  # per token, without a |x| temporary
     per_token = torch.maximum(hi.abs_(), lo.abs_())
     return torch.nn.functional.pad(per_token, (0, -T % block)).view(H, -1, block).amax(-1)
+
+
+def prefix_centred_sq(x_NxRxT: torch.Tensor, kept_R: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Per row of x (fp32 [..., R, T], contiguous): the sum over its first kept_R[r] entries of (x - their mean)^2,
+    float32 [..., R] (the causal scores of sampled query rows against ascending keys). The mean is removed before
+    squaring, so nothing cancels. A Triton kernel on CUDA (one read of x), else masked torch ops."""
+    *_, R, T = x_NxRxT.shape
+    if _choose_backend(backend, x_NxRxT) == "triton":
+        out = torch.empty(x_NxRxT.shape[:-1], dtype=torch.float32, device=x_NxRxT.device)
+        with _device_ctx(x_NxRxT):
+            _triton_kernels().prefix_centred[(out.numel(),)](x_NxRxT, kept_R, out, R, T, BLOCK=1024, num_warps=4)
+        return out
+    drop = torch.arange(T, device=x_NxRxT.device) >= kept_R[:, None]  # [R, T]
+    x = x_NxRxT.masked_fill(drop, 0.0)
+    x = x.sub_(x.sum(-1, keepdim=True) / kept_R[:, None].clamp_min(1)).masked_fill_(drop, 0.0)
+    return torch.linalg.vector_norm(x, dim=-1).square_()
 
 
 def _as_3d(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -912,6 +929,25 @@ def _triton_kernels():
             tl.atomic_add(cnt_ptr + h, tl.sum(cnt))  # integers: the order does not matter
 
     @triton.jit
+    def _prefix_centred_kernel(x_ptr, kept_ptr, out_ptr, R, T, BLOCK: tl.constexpr):
+        # grid (N * R,): one row of x [N, R, T]: the mean of its first n entries, then their centred squares (the
+        # second read of an 8-kB row comes from the cache)
+        row = tl.program_id(0)
+        n = tl.load(kept_ptr + row % R)
+        base = x_ptr + row.to(tl.int64) * T
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for t0 in range(0, n, BLOCK):
+            acc += tl.load(base + t0 + offs, mask=t0 + offs < n, other=0.0)
+        mean = tl.sum(acc) / tl.maximum(n, 1).to(tl.float32)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for t0 in range(0, n, BLOCK):
+            m = t0 + offs < n
+            c = tl.where(m, tl.load(base + t0 + offs, mask=m, other=0.0) - mean, 0.0)
+            acc += c * c
+        tl.store(out_ptr + row, tl.sum(acc))
+
+    @triton.jit
     def _block_absmax_kernel(x_ptr, out_ptr, T, D, sxh, sxt, sxd, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                              BLOCK_D: tl.constexpr):
         # grid (token blocks, heads): max |x| over BLOCK tokens x D channels of one head, NaN if any value is
@@ -932,6 +968,7 @@ def _triton_kernels():
     interpreted = type(_site_kernel).__name__ == "InterpretedFunction"
     return SimpleNamespace(site=_site_kernel, combine=_combine_kernel, channels=_channel_kernel,
                            count=_count_kernel, finish=_finish_kernel, block_absmax=_block_absmax_kernel,
+                           prefix_centred=_prefix_centred_kernel,
                            interpreted=interpreted)
 
 

@@ -27,6 +27,7 @@ import torch
 
 from driftscope import paths
 from driftscope.measure import fused
+from driftscope.paths import gpu_arith
 
 LOG2E = 1.44269504
 VARIANTS = {"sage8": True, "sage8-nosmooth": False}
@@ -91,11 +92,12 @@ def smoothing_stats(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 25
 
 @dataclass
 class Sample:
-    """What the statistics need of one layer, small: the sampled query rows (as the kernel quantizes them and
-    exact, both scaled by sm_scale * log2 e), the sampled K and K's mean, and channel_bias (from all of K)."""
+    """What the statistics need of one layer, small: the sampled query rows (as the kernel quantizes them, scaled by
+    sm = sm_scale * log2 e, and exact, unscaled), the sampled K and K's mean, and channel_bias (from all of K)."""
 
     q_hat: torch.Tensor  # [Hkv, group * R, D] float32
-    q_exact: torch.Tensor  # [Hkv, group * R, D] float32
+    q_exact: torch.Tensor  # [Hkv, group * R, D] float32, q's values (exact: fp16 and bf16 fit), not scaled by sm
+    sm: float
     k: torch.Tensor  # [Hkv, Tk, D], the input dtype
     k_mean: torch.Tensor  # [Hkv, 1, D], the input dtype (the kernel's smoothing)
     channel_bias: torch.Tensor  # [Hkv] float64
@@ -121,7 +123,7 @@ def sample(q_HxTxD: torch.Tensor, k_HxTxD: torch.Tensor, rows: int = 256, scale:
     q_rows = q_HxTxD[:, qi]  # gathered once for both the quantized and the exact rows
     bias = (k_HxTxD.mean(dim=1, dtype=f32).norm(dim=-1) / torch.linalg.vector_norm(k_HxTxD, dim=-1, dtype=f32).mean(1))
     return Sample(q_hat=_dequant_sampled(q_rows, fused.block_absmax(q_HxTxD, 128), qi, 128, sm).view(Hkv, -1, D),
-                  q_exact=(q_rows.to(f32) * sm).view(Hkv, -1, D),
+                  q_exact=q_rows.to(f32).view(Hkv, -1, D), sm=sm,
                   k=k_HxTxD if shape.keys is None else k_HxTxD[:, shape.keys],
                   k_mean=k_HxTxD.mean(dim=1, keepdim=True), channel_bias=bias.to(f64), shape=shape)
 
@@ -132,12 +134,12 @@ def finish(samples: list[Sample]) -> list[dict[tuple[str, str | None], torch.Ten
     out: list = [None] * len(samples)
     groups: dict = {}
     for i, smp in enumerate(samples):
-        groups.setdefault(id(smp.shape), []).append(i)
+        groups.setdefault((id(smp.shape), smp.sm), []).append(i)
     for idx in groups.values():
         shape = samples[idx[0]].shape
         Hkv = samples[idx[0]].k.shape[0]
         cat = {name: torch.cat([getattr(samples[i], name) for i in idx]) for name in ("q_hat", "q_exact", "k", "k_mean")}
-        stats = _stats(cat["q_hat"], cat["q_exact"], cat["k"], cat["k_mean"], shape)
+        stats = _stats(cat["q_hat"], cat["q_exact"], cat["k"], cat["k_mean"], shape, samples[idx[0]].sm)
         for j, i in enumerate(idx):
             layer = {key: v[j * Hkv:(j + 1) * Hkv] for key, v in stats.items()}
             out[i] = {("channel_bias", None): samples[i].channel_bias, ("qk_rows", None): shape.qk_rows,
@@ -145,8 +147,9 @@ def finish(samples: list[Sample]) -> list[dict[tuple[str, str | None], torch.Ten
     return out
 
 
-def _stats(q_hat, q_exact, k_s, k_mean, shape) -> dict[tuple[str, str], torch.Tensor]:
-    """k_quant_err and qk_quant_err of both variants, [heads] each, from stacked samples."""
+def _stats(q_hat, q_exact, k_s, k_mean, shape, sm: float) -> dict[tuple[str, str], torch.Tensor]:
+    """k_quant_err and qk_quant_err of both variants, [heads] each, from stacked samples (q_exact not yet scaled
+    by sm)."""
     f32, f64 = torch.float32, torch.float64
     k32 = k_s.to(f32)
     k_norm_sq = _sum64(k32.square())
@@ -155,16 +158,21 @@ def _stats(q_hat, q_exact, k_s, k_mean, shape) -> dict[tuple[str, str], torch.Te
     k_hat = _dequant(k_in, 64, 1.0)
     k_in32 = k_in.to(f32)
     err_sq = _sum64((k_hat - k_in32).square_())  # [V, Hkv]
-    # scores [V + 1, Hkv, group * R, Tk]: each variant's error Q^ K^^T - Q K'^T, then the exact unsmoothed Q K^T,
-    # written in place by the matmuls (the error's subtraction is the second matmul's accumulation)
+    # scores [V + 1, Hkv, group * R, Tk]: each variant's error Q^ K^^T - sm Q K'^T, then the exact unsmoothed
+    # Q K^T / sm, written in place by the matmuls (the error's subtraction is the second matmul's accumulation).
+    # Q and K' hold fp16 or bf16 values, which TF32 tensor cores multiply exactly; Q^ and K^ (int8 x fp32 scale)
+    # do not fit TF32, and neither do fp32 inputs.
     V, (Hkv, R, D), Tk = len(VARIANTS), q_exact.shape, k_s.shape[1]
+    exact_operands = "high" if k_s.dtype in (torch.float16, torch.bfloat16) else "highest"
     scores = q_exact.new_empty(V + 1, Hkv, R, Tk)
     err = scores[:V].view(V * Hkv, R, Tk)
-    torch.bmm(q_hat.repeat(V, 1, 1), k_hat.view(V * Hkv, Tk, D).mT, out=err)
-    err.baddbmm_(q_exact.repeat(V, 1, 1), k_in32.view(V * Hkv, Tk, D).mT, alpha=-1.0)
-    torch.bmm(q_exact, k32.mT, out=scores[V])
-    centred = _centred_sq(scores, shape.drop, shape.keep, shape.per_row)
-    denom = centred[-1].clamp_min(torch.finfo(f64).tiny)  # the exact unsmoothed scores' spread
+    with gpu_arith.float32_matmul("highest"):
+        torch.bmm(q_hat.repeat(V, 1, 1), k_hat.view(V * Hkv, Tk, D).mT, out=err)
+    with gpu_arith.float32_matmul(exact_operands):
+        err.baddbmm_(q_exact.repeat(V, 1, 1), k_in32.view(V * Hkv, Tk, D).mT, alpha=-sm)
+        torch.bmm(q_exact, k32.mT, out=scores[V])
+    centred = _centred_sq(scores, shape.kept)
+    denom = (centred[-1] * sm ** 2).clamp_min(torch.finfo(f64).tiny)  # the exact unsmoothed scores' spread
     out = {}
     for i, variant in enumerate(VARIANTS):
         out[("k_quant_err", variant)] = (err_sq[i] / k_norm_sq).sqrt()
@@ -172,34 +180,29 @@ def _stats(q_hat, q_exact, k_s, k_mean, shape) -> dict[tuple[str, str], torch.Te
     return out
 
 
-def _centred_sq(x_HxRxT: torch.Tensor, drop_RxT: torch.Tensor, keep_RxT: torch.Tensor,
-                per_row_Rx1: torch.Tensor) -> torch.Tensor:
-    """Sum over the kept (causal) entries of (x - its row mean)^2, per head (of the leading dims): float32
-    elementwise (a row's mean is removed before squaring, so nothing cancels), float64 sums across rows.
-    drop / keep: the entries left out / kept (bool / float32 0-1); per_row: how many each row keeps (float32).
-    Overwrites x."""
-    x = x_HxRxT.masked_fill_(drop_RxT, 0.0)
-    x.addcmul_(x.sum(-1, keepdim=True) / per_row_Rx1, keep_RxT, value=-1.0)  # kept: x - mean; dropped: 0 - 0
-    return torch.linalg.vector_norm(x, dim=-1).square_().to(torch.float64).sum(-1)
+def _centred_sq(x_HxRxT: torch.Tensor, kept_R: torch.Tensor) -> torch.Tensor:
+    """Sum over the kept (causal) entries of (x - its row mean)^2, per head (of the leading dims): float32 per row
+    (`fused.prefix_centred_sq`: a row's mean is removed before squaring, so nothing cancels), float64 across rows.
+    The sampled keys ascend, so row r keeps its first kept_R[r] entries."""
+    return fused.prefix_centred_sq(x_HxRxT, kept_R).to(torch.float64).sum(-1)
 
 
 @functools.lru_cache(maxsize=64)
 def _sample(T: int, Hkv: int, group: int, rows: int, key_blocks: int, device) -> SimpleNamespace:
     """What the statistics sample at one shape, made once per shape (the same at every layer): K's token indices
-    (`key_sample`), the query rows and the causal mask of the sampled scores.
+    (`key_sample`), the query rows, and how many of the sampled keys each row's causal mask keeps (a prefix).
 
     The query rows are distinct (spacing >= 1 since R <= T) and made on the device, since a host-to-device copy
     would wait for the GPU. Query head h uses KV head h // group, so each KV head's `group` query heads are
-    consecutive: their rows stack into one matmul per KV head, and the mask repeats per query head."""
+    consecutive: their rows stack into one matmul per KV head, and the kept counts repeat per query head."""
     keys = key_sample(T, key_blocks, device)
     key_pos = torch.arange(T, device=device) if keys is None else keys
     Tk = key_pos.numel()
     R = min(T, score_rows(Tk, rows))
     f64 = torch.float64
     qi = torch.linspace(0, T - 1, R, dtype=f64, device=device).round().long()
-    mask = (key_pos[None, :] <= qi[:, None]).repeat(group, 1)  # [group * R, Tk]
-    return SimpleNamespace(keys=keys, qi=qi, drop=~mask, keep=mask.to(torch.float32),
-                           per_row=mask.sum(-1, keepdim=True, dtype=torch.float32),
+    kept = (key_pos[None, :] <= qi[:, None]).sum(-1, dtype=torch.int32).repeat(group)  # [group * R]
+    return SimpleNamespace(keys=keys, qi=qi, kept=kept,
                            qk_rows=torch.full((Hkv,), float(R), dtype=f64, device=device),
                            k_tokens=torch.full((Hkv,), float(Tk), dtype=f64, device=device))
 

@@ -1,4 +1,5 @@
-"""The GPU's approximate fp32 reciprocal and division, for the emulators of kernels compiled for NVIDIA GPUs.
+"""The GPU's approximate fp32 reciprocal and division, for the emulators of kernels compiled for NVIDIA GPUs; and
+`float32_matmul`, which fixes whether cuBLAS may use TF32 tensor cores for fp32 matmuls.
 
 Triton compiles an fp32 `x / y` to `div.full.f32`, and nvcc's `--use_fast_math` (SageAttention 2.x's build flags,
 `setup.py`) compiles it to `div.approx.f32`; both compute x * rcp(y), where rcp is the special-function unit's
@@ -16,6 +17,7 @@ Without the table file (an install that dropped package data) `rcp` falls back t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import lzma
 import warnings
@@ -67,3 +69,16 @@ def div(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def truncate_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
     """fp32 x with all but `bits` explicit mantissa bits dropped (rounded toward zero)."""
     return (x.view(torch.int32) & (-1 << (23 - bits))).view(torch.float32)
+
+
+@contextlib.contextmanager
+def float32_matmul(precision: str):
+    """torch's float32 matmul precision inside the block, whatever the caller set: "highest" (no TF32: products of
+    operands with more than 11 significant bits stay exact to fp32), or "high" (TF32 tensor cores: exact only
+    where every operand fits 11 significant bits, e.g. fp16 and bf16 values and small integers, but ~10x faster)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -110,14 +110,8 @@ def sage2_cuda_emulate(q, k, v, *, causal: bool, scale: float | None = None, smo
     `fp22_bits`/`fp22_chunk` (sm90 only): the FP8 tensor core keeps `fp22_bits` mantissa bits (truncated) of its
     accumulator after every `fp22_chunk` keys (upstream calls it 22 valid bits: sign, 8 exponent, 13 mantissa).
     """
-    prec = torch.get_float32_matmul_precision()
-    if prec != "highest":  # TF32 would round the operands of the exact integer and FP8 products
-        torch.set_float32_matmul_precision("highest")
-    try:
+    with gpu_arith.float32_matmul("highest"):  # TF32 would round the operands of the exact integer and FP8 products
         return _emulate(q, k, v, causal, scale, smooth_k, kernel, fp22_bits, fp22_chunk)
-    finally:
-        if prec != "highest":
-            torch.set_float32_matmul_precision(prec)
 
 
 def _emulate(q, k, v, causal, scale, smooth_k, kn, fp22_bits, fp22_chunk):

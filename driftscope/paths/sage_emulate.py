@@ -101,14 +101,8 @@ def sage_emulate(q, k, v, *, causal: bool, scale: float | None = None, smooth_k:
         pv_chunk = 16
     if pv_accum not in ("fp16", "fp16-rz", "fp32"):
         raise ValueError(f"pv_accum must be 'fp16', 'fp16-rz' or 'fp32'; got {pv_accum!r}")
-    prec = torch.get_float32_matmul_precision()
-    if prec != "highest":  # TF32 would round fp16 P to 10 mantissa bits in P.V
-        torch.set_float32_matmul_precision("highest")
-    try:
+    with gpu_arith.float32_matmul("highest"):  # TF32 would round fp16 P to 10 mantissa bits in P.V
         return _emulate(q, k, v, causal, scale, smooth_k, flavor, pv_chunk, pad_keys, pv_accum, out_dtype, gpu_div)
-    finally:
-        if prec != "highest":
-            torch.set_float32_matmul_precision(prec)
 
 
 def _to_fp16(x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -564,20 +564,29 @@ def _nonfinite_counts(tensors, flags, backend: str) -> torch.Tensor:
 
 # -- Triton -----------------------------------------------------------------------------------------------------
 # Bound by _triton_kernels(): importing triton costs ~0.5 s, and fixes interpreted vs compiled for the process.
-triton = tl = _tl_moments = _tl_outliers = None
+triton = tl = _tl_moments = _tl_outliers = _tl_moment_step = None
 
 
 @functools.cache
 def _triton_kernels():
     """The jitted kernels (a namespace), or a string saying why Triton is unavailable."""
     # Everything a kernel calls must be a module global (Triton resolves names through fn.__globals__).
-    global triton, tl, _tl_moments, _tl_outliers
+    global triton, tl, _tl_moments, _tl_outliers, _tl_moment_step
     try:
         import triton
         import triton.language as tl
     except ImportError as e:
         return f"cannot import triton: {e}"
     from types import SimpleNamespace
+
+    @triton.jit
+    def _tl_moment_step(v, valid, shift, s1, s2, s3, s4, hi, lo, total):
+        """One tile's contribution to a tensor's elementwise accumulators: sums of (v - shift)^1..4, max, min and
+        the plain sum (the channel mean), over the valid entries."""
+        c = tl.where(valid, v - shift, 0.0)
+        c2 = c * c
+        return (s1 + c, s2 + c2, s3 + c2 * c, s4 + c2 * c2, tl.maximum(hi, tl.where(valid, v, float("-inf"))),
+                tl.minimum(lo, tl.where(valid, v, float("inf"))), total + v)
 
     @triton.jit
     def _site_kernel(x_ptr, r_ptr, part_ptr, chan_ptr, pos_ptr, T, C,
@@ -659,25 +668,9 @@ def _triton_kernels():
                     tl.store(pos_ptr + pidx, tl.sum(d * d, axis=1), mask=here < T)
                     tl.store(pos_ptr + n_h.to(tl.int64) * n_cb * T + pidx, tl.sum(r * r, axis=1), mask=here < T)
                 if MOM_R:
-                    c = tl.where(valid, r - sr, 0.0)
-                    c2 = c * c
-                    r1 += c
-                    r2 += c2
-                    r3 += c2 * c
-                    r4 += c2 * c2
-                    hr = tl.maximum(hr, tl.where(valid, r, float("-inf")))
-                    lr = tl.minimum(lr, tl.where(valid, r, float("inf")))
-                    cr += r
+                    r1, r2, r3, r4, hr, lr, cr = _tl_moment_step(r, valid, sr, r1, r2, r3, r4, hr, lr, cr)
             if MOM_X:
-                c = tl.where(valid, x - sx, 0.0)
-                c2 = c * c
-                x1 += c
-                x2 += c2
-                x3 += c2 * c
-                x4 += c2 * c2
-                hx = tl.maximum(hx, tl.where(valid, x, float("-inf")))
-                lx = tl.minimum(lx, tl.where(valid, x, float("inf")))
-                cx += x
+                x1, x2, x3, x4, hx, lx, cx = _tl_moment_step(x, valid, sx, x1, x2, x3, x4, hx, lx, cx)
         out = part_ptr + ((h * n_cb + pid_c) * n_tp + pid_t).to(tl.int64) * NSTAT
         if HAS_REF:
             tl.store(out + 0, tl.sum(a_xx))

@@ -160,15 +160,15 @@ def _stats(q_hat, q_exact, k_s, k_mean, shape, sm: float) -> dict[tuple[str, str
     err_sq = _sum64((k_hat - k_in32).square_())  # [V, Hkv]
     # scores [V + 1, Hkv, group * R, Tk]: each variant's error Q^ K^^T - sm Q K'^T, then the exact unsmoothed
     # Q K^T / sm, written in place by the matmuls (the error's subtraction is the second matmul's accumulation).
-    # Q and K' hold fp16 or bf16 values, which TF32 tensor cores multiply exactly; Q^ and K^ (int8 x fp32 scale)
-    # do not fit TF32, and neither do fp32 inputs.
+    # On CUDA, Q and K' hold fp16 or bf16 values, which TF32 tensor cores multiply exactly; Q^ and K^ (int8 x fp32
+    # scale) do not fit TF32, and neither do fp32 inputs.
     V, (Hkv, R, D), Tk = len(VARIANTS), q_exact.shape, k_s.shape[1]
-    exact_operands = "high" if k_s.dtype in (torch.float16, torch.bfloat16) else "highest"
+    tf32_exact = k_s.is_cuda and k_s.dtype in (torch.float16, torch.bfloat16)
     scores = q_exact.new_empty(V + 1, Hkv, R, Tk)
     err = scores[:V].view(V * Hkv, R, Tk)
     with gpu_arith.float32_matmul("highest"):
         torch.bmm(q_hat.repeat(V, 1, 1), k_hat.view(V * Hkv, Tk, D).mT, out=err)
-    with gpu_arith.float32_matmul(exact_operands):
+    with gpu_arith.float32_matmul("high" if tf32_exact else "highest"):
         err.baddbmm_(q_exact.repeat(V, 1, 1), k_in32.view(V * Hkv, Tk, D).mT, alpha=-sm)
         torch.bmm(q_exact, k32.mT, out=scores[V])
     centred = _centred_sq(scores, shape.kept)

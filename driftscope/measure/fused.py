@@ -11,7 +11,11 @@ fp32; a [tokens, hidden] tensor is one head) once and keeps only small sums:
     rel_l2_by_position(s, bins)   rel_l2 over heads and channels per bin of consecutive tokens
     outliers(s, "ref")         absmax, channel_max_median, kurtosis, frac_6sigma (outlier_table: as one [4, heads])
     channel_absmax(s, "ref")   [heads, channels] profile; smoothed=True for K - mean_t K (the kernel's smoothing)
-drift and outliers return views of tables that site_stats has filled (no kernels of their own).
+drift and outliers return views of tables that site_stats has filled (no kernels of their own). Two more one-read
+statistics serve the smoothing-K sample (driftscope.measure.smoothing):
+
+    block_absmax(q, 128)         max |q| per head and 128-token block: the INT8 block scales
+    prefix_centred_sq(s, kept)   per score row, the centred sum of squares of its first kept[r] entries
 
 Backends (the same statistics and the same layout of per-program partials [H, P, NSTAT]):
 - `triton` (CUDA tensors; on the CPU only when asked for, under TRITON_INTERPRET=1, as the tests do), a few

@@ -45,7 +45,6 @@ class Records:
     _keys: list = field(default_factory=list)
     _values: list = field(default_factory=list)
     _elements: list = field(default_factory=list)
-    _element_repeats: list = field(default_factory=list)  # [heads, n] values under one index [n]: heads copies
 
     def add(self, layer: int, site: str, path: str, metric: str | tuple[str, ...], values: torch.Tensor, *,
             heads: bool = True, index: torch.Tensor | None = None, head: int = -1) -> None:
@@ -71,7 +70,6 @@ class Records:
         self._values.append(values)
         if index is not None:  # (repeated per head on the host, in `columns`)
             self._elements.append(index.reshape(-1))
-            self._element_repeats.append(max(per_head, 1))
 
     def __len__(self) -> int:
         return sum(k[9] * len(k[8]) for k in self._keys)
@@ -104,12 +102,14 @@ class Records:
         # the keys with an index took their elements from `elements` in order; the others are -1
         cols["element"] = np.full(len(cols["value"]), -1, dtype=np.int64)
         if elements is not None:
+            # each index once per head of its [heads, n] values (per_head: k[12]), in the order they were added
+            per_head = [k[12] for k in self._keys if k[-1]]
             flat, at, parts = elements(), 0, []
-            for index, repeats in zip(self._elements, self._element_repeats):
-                parts.append(np.tile(flat[at:at + index.numel()], repeats))
+            for index, heads in zip(self._elements, per_head):
+                parts.append(np.tile(flat[at:at + index.numel()], max(heads, 1)))
                 at += index.numel()
             cols["element"][has_index] = np.concatenate(parts)
-        self._keys, self._values, self._elements, self._element_repeats = [], [], [], []
+        self._keys, self._values, self._elements = [], [], []
         return {name: cols[name] for name in COLUMNS}
 
 

@@ -36,8 +36,9 @@ Backends (the same statistics and the same layout of per-program partials [H, P,
      their own. With `nonfinite`, `_count_kernel` per tensor again: the NaN/inf count, whose programs return at once
      for heads whose sum of squares is finite (every value finite), so a healthy output costs a launch, no reads.
   Over a program's <= MAX_ITERS tiles sums are fp32 additions per element, within the tile a tl.sum tree
-  (pairwise), over programs float64. H100, Llama-3-8B shapes at 8k tokens (experiments/bench_fused_stats.py): q 0.23 ms of GPU time
-  (15 kernels) where the old chain took 6.3 ms (146 kernels); logits [8192, 128256] 1.5 ms vs 84 ms.
+  (pairwise), over programs float64. H100, Llama-3-8B shapes at 8k tokens (experiments/bench_fused_stats.py): q
+  0.23 ms of GPU time (15 kernels) where the old chain took 6.3 ms (146 kernels); logits [8192, 128256] 1.5 ms vs
+  84 ms.
 - `torch`, the vectorized fallback (the CPU, or CUDA without Triton): fp32 work on one contiguous copy per tensor,
   no float64 temporaries, reductions along rows (torch's fp32 sums are cascaded; its norm over rows of <= 4096),
   tokens in chunks of at most `chunk_elems` values so that logits [T, vocab] never get a full fp32 copy.

@@ -43,16 +43,12 @@ def _dequant(x_HxTxD: torch.Tensor, block: int, scale_mul: float) -> torch.Tenso
     return out if x_HxTxD.dim() == 4 else out[0]
 
 
-def _dequant_rows(x_HxTxD: torch.Tensor, rows: torch.Tensor, block: int, scale_mul: float) -> torch.Tensor:
-    """`_dequant(x, block, scale_mul)[:, rows]` without quantizing the other rows: each row with the scale of its
-    whole block (absmax over the block, taken in the input dtype: |x| * scale_mul rounds monotonically, so the
-    max commutes with the fp32 multiply), rounded as the kernel rounds (half away from zero)."""
-    return _dequant_sampled(x_HxTxD[:, rows], fused.block_absmax(x_HxTxD, block), rows, block, scale_mul)
-
-
 def _dequant_sampled(x_HxRxD: torch.Tensor, absmax_HxB: torch.Tensor, rows: torch.Tensor, block: int,
                      scale_mul: float) -> torch.Tensor:
-    """`_dequant_rows` from the rows x[:, rows] and the blocks' absmax (`fused.block_absmax`), fp32 [H, R, D]."""
+    """`_dequant(x, block, scale_mul)[:, rows]`, fp32 [H, R, D], from the rows x[:, rows] and the blocks' absmax
+    (`fused.block_absmax(x, block)`) without quantizing the other rows: each row with the scale of its whole block
+    (absmax taken in the input dtype: |x| * scale_mul rounds monotonically, so the max commutes with the fp32
+    multiply), rounded as the kernel rounds (half away from zero)."""
     scale = (absmax_HxB.to(torch.float32) * torch.tensor(np.float32(scale_mul))) / 127.0
     scale_r = scale[:, rows // block, None]  # [H, R, 1]
     xi = x_HxRxD.to(torch.float32) * torch.tensor(np.float32(scale_mul)) / scale_r
